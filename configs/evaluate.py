@@ -1,0 +1,27 @@
+"""python -m experiments.evaluate --config=configs/evaluate.py --workdir=/tmp/eval
+
+Perplexity of a checkpoint on an evaluation text, and optionally a greedy completion.
+Arguments: `runlocal` (a few windows only). Examples:
+  --config.checkpoint=path/to/hf_dir | model.gguf | moe_jax_ckpt   ('' = embedded SmolLM2)
+  --config.eval_file=notes.txt   ('' = the embedded pydoc text)
+  --config.prompt="def fibonacci(n):"
+"""
+import ml_collections
+
+from moe_jax.config_util import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = parse_arg(arg, runlocal=False)
+  c = ml_collections.ConfigDict()
+  c.checkpoint = ""          # '' = the embedded SmolLM2-135M-Instruct GGUF
+  c.eval_file = ""           # '' = the embedded evaluation text (pydoc_data.topics)
+  c.seq_len = 512
+  c.max_windows = 0          # 0 = every window
+  c.batch_size = 4
+  c.dtype = "float32"
+  c.prompt = ""              # non-empty: also print a greedy completion
+  c.max_new_tokens = 32
+  if a.runlocal:
+    c.max_windows = 8
+  return c

@@ -1,0 +1,31 @@
+"""Helpers for ml_collections configs: big_vision-style string arguments."""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'a=1,b=x,runlocal' into a ConfigDict typed by `defaults`.
+
+  A bare name sets a bool default to True. Unknown names raise ValueError naming them.
+  """
+  out = dict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r}: unknown; expected one of {sorted(defaults)}")
+    kind = type(defaults[key])
+    if not _:
+      if kind is not bool:
+        raise ValueError(f"config argument {key!r}: needs a value ({key}=...)")
+      out[key] = True
+    elif kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ValueError(f"config argument {key}={value!r}: expected {kind.__name__}") from None
+  return ml_collections.ConfigDict(out)

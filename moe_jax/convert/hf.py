@@ -1,0 +1,118 @@
+"""Read Hugging Face checkpoint directories: config.json and (sharded) safetensors."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+from moe_jax.config import ModelConfig, RopeScaling
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+def read_json(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: file not found") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+  """rope_theta and scaling from either transformers 4 or 5 style configs."""
+  params = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or params
+  theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type == "default":
+    return theta, None
+  keep = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                  "original_max_position_embeddings") if k in scaling}
+  return theta, RopeScaling(rope_type=rope_type, **keep)
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
+  """ModelConfig for a transformers config dict of a supported architecture."""
+  arch = hf.get("model_type")
+  if arch not in ARCHS:
+    raise ValueError(f"{source}: model_type={arch!r} is not supported; expected one of {ARCHS}")
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise ValueError(f"{source}: hidden_act={act!r}; only 'silu' (SwiGLU) is supported")
+  if hf.get("mlp_bias"):
+    raise ValueError(f"{source}: mlp_bias=true is not supported")
+  try:
+    heads = hf["num_attention_heads"]
+    theta, scaling = _rope(hf)
+    window = hf.get("sliding_window")
+    if arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+      window = None
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        ffn_dim=hf["intermediate_size"], rope_theta=theta, rope_scaling=scaling,
+        rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+        qk_norm=arch == "qwen3", sliding_window=window,
+        max_seq_len=hf.get("max_position_embeddings", 2048), arch=arch, **overrides)
+  except KeyError as e:
+    raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def read_hf_config(path: str, **overrides) -> ModelConfig:
+  cfg_path = os.path.join(path, "config.json")
+  return config_from_hf(read_json(cfg_path), cfg_path, **overrides)
+
+
+def safetensors_files(path: str) -> list[str]:
+  """The weight files of an HF directory, from the shard index if there is one."""
+  index = os.path.join(path, _INDEX)
+  if os.path.exists(index):
+    files = sorted(set(read_json(index)["weight_map"].values()))
+    return [os.path.join(path, f) for f in files]
+  single = os.path.join(path, _SINGLE)
+  if not os.path.exists(single):
+    raise FileNotFoundError(f"{path}: no {_SINGLE} or {_INDEX}")
+  return [single]
+
+
+def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
+  """Yields (tensor name, float32 array, file) one tensor at a time."""
+  for file in safetensors_files(path):
+    if not os.path.exists(file):
+      raise FileNotFoundError(f"{file}: shard listed in {_INDEX} not found")
+    try:
+      with safe_open(file, framework="numpy") as f:
+        for name in f.keys():
+          yield name, _as_float32(f, name), file
+    except (OSError, ValueError, RuntimeError) as e:  # safetensors raises SafetensorError(Exception)
+      raise ValueError(f"{file}: cannot read safetensors ({_one_line(e)})") from None
+    except Exception as e:
+      if type(e).__name__ == "SafetensorError":
+        raise ValueError(f"{file}: cannot read safetensors ({_one_line(e)})") from None
+      raise
+
+
+def _as_float32(f, name: str) -> np.ndarray:
+  """numpy has no bfloat16: read those through ml_dtypes via the raw slice."""
+  try:
+    return np.asarray(f.get_tensor(name), dtype=np.float32)
+  except TypeError:
+    import ml_dtypes  # bfloat16 tensors
+    sl = f.get_slice(name)
+    raw = sl[:]
+    return np.asarray(raw.view(ml_dtypes.bfloat16), dtype=np.float32)
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split())

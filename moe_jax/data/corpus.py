@@ -1,0 +1,86 @@
+"""Text sources: the embedded corpora (no downloads) and a user's local files.
+
+Evaluation text: the interpreter's `pydoc_data.topics` (English documentation).
+Training text: the standard library's non-test `.py` files, split deterministically into
+train/valid by a hash of each file's relative path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+
+_TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def embedded_eval_text() -> str:
+  """pydoc's topic help texts, joined in sorted key order (~465k characters)."""
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def _is_test(rel: str) -> bool:
+  parts = rel.split(os.sep)
+  name = parts[-1]
+  return (bool(_TEST_DIRS.intersection(parts[:-1])) or name.startswith("test_")
+          or name.endswith("_test.py") or name == "conftest.py")
+
+
+def stdlib_files(split: str = "train", valid_percent: int = 5) -> list[str]:
+  """Sorted paths of the standard library's non-test .py files in `split`."""
+  if split not in ("train", "valid"):
+    raise ValueError(f"split={split!r}: expected 'train' or 'valid'")
+  root = sysconfig.get_paths()["stdlib"]
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _TEST_DIRS)
+    for name in sorted(filenames):
+      rel = os.path.relpath(os.path.join(dirpath, name), root)
+      if not name.endswith(".py") or _is_test(rel):
+        continue
+      bucket = int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 100
+      if (bucket < valid_percent) == (split == "valid"):
+        out.append(os.path.join(root, rel))
+  return out
+
+
+def stdlib_documents(split: str = "train") -> list[str]:
+  docs = []
+  for path in stdlib_files(split):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      docs.append(f.read())
+  return docs
+
+
+def read_text_file(path: str) -> str:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: text file not found")
+  with open(path, encoding="utf-8", errors="strict") as f:
+    try:
+      return f.read()
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_jsonl(path: str, field: str = "text") -> list[str]:
+  """One document per line: the string under `field` of each JSON object."""
+  docs = []
+  for lineno, line in enumerate(read_text_file(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      doc = json.loads(line)[field]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      raise ValueError(f"{path}:{lineno}: expected a JSON object with a string {field!r}") from None
+    if not isinstance(doc, str):
+      raise ValueError(f"{path}:{lineno}: {field!r} is not a string")
+    docs.append(doc)
+  return docs
+
+
+def read_documents(path: str, field: str = "text") -> list[str]:
+  """A local .jsonl file (one document per line) or a plain text file (one document)."""
+  if path.endswith((".jsonl", ".json")):
+    return read_jsonl(path, field)
+  return [read_text_file(path)]

@@ -1,0 +1,153 @@
+"""Llama-family decoder in Flax NNX. Modules hold params; math lives in layers.py.
+
+Every parameter carries logical axis names (`out_sharding` metadata); the mapping to
+mesh axes lives only in moe_jax/sharding.py.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import sharding
+from moe_jax.config import ModelConfig
+from moe_jax.models import layers
+
+_init = nnx.initializers.normal(0.02)
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, init=_init) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def _ones(shape, names, dtype) -> nnx.Param:
+  return nnx.Param(jnp.ones(shape, dtype), out_sharding=names)
+
+
+class Attention(nnx.Module):
+  """GQA with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.wq = _param(rngs, (d, h, k), ("embed", "heads", "head_dim"), pd)
+    self.wk = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
+    self.wv = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
+    self.wo = _param(rngs, (h, k, d), ("heads", "head_dim", "embed"), pd)
+    if cfg.qkv_bias:
+      zeros = nnx.initializers.zeros
+      self.bq = _param(rngs, (h, k), ("heads", "head_dim"), pd, zeros)
+      self.bk = _param(rngs, (g, k), ("kv_heads", "head_dim"), pd, zeros)
+      self.bv = _param(rngs, (g, k), ("kv_heads", "head_dim"), pd, zeros)
+    if cfg.qk_norm:
+      self.q_norm = _ones((k,), ("head_dim",), pd)
+      self.k_norm = _ones((k,), ("head_dim",), pd)
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, inv_freq):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
+    k = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt))
+    v = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
+    if cfg.qkv_bias:
+      q, k, v = (q + self.bq[...].astype(dt), k + self.bk[...].astype(dt),
+                 v + self.bv[...].astype(dt))
+    if cfg.qk_norm:
+      q = layers.rms_norm(q, self.q_norm[...], cfg.rms_eps)
+      k = layers.rms_norm(k, self.k_norm[...], cfg.rms_eps)
+    q = layers.apply_rope(q, positions_BxL, inv_freq)
+    k = layers.apply_rope(k, positions_BxL, inv_freq)
+    out_BxLxHxK = layers.gqa_attention(q, k, v, mask_Bx1xLxL)
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt))
+
+
+class Mlp(nnx.Module):
+  """Dense SwiGLU FFN."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.w_gate = _param(rngs, (cfg.d_model, cfg.ffn_dim), ("embed", "mlp"), pd)
+    self.w_up = _param(rngs, (cfg.d_model, cfg.ffn_dim), ("embed", "mlp"), pd)
+    self.w_down = _param(rngs, (cfg.ffn_dim, cfg.d_model), ("mlp", "embed"), pd)
+
+  def __call__(self, x_BxLxD, *, train: bool = False, rngs=None):
+    del train, rngs
+    dt = self.dtype
+    return layers.swiglu(x_BxLxD, self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
+                         self.w_down[...].astype(dt)), {}
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block; the FFN is dense or an MoE block."""
+
+  def __init__(self, cfg: ModelConfig, layer_id: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = _ones((cfg.d_model,), ("norm",), pd)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = _ones((cfg.d_model,), ("norm",), pd)
+    if layer_id in cfg.moe_layer_ids:
+      from moe_jax.moe.layer import MoeBlock  # pylint: disable=g-import-not-at-top
+      self.mlp = MoeBlock(cfg.moe, cfg.d_model, rngs=rngs, param_dtype=pd,
+                          dtype=jnp.dtype(cfg.dtype))
+    else:
+      self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, mask, inv_freq, *, train=False, rngs=None):
+    eps = self.cfg.rms_eps
+    x_BxLxD = x_BxLxD + self.attn(layers.rms_norm(x_BxLxD, self.attn_norm[...], eps),
+                                  positions_BxL, mask, inv_freq)
+    y_BxLxD, stats = self.mlp(layers.rms_norm(x_BxLxD, self.mlp_norm[...], eps),
+                              train=train, rngs=rngs)
+    x_BxLxD = sharding.constrain(x_BxLxD + y_BxLxD, ("batch", "length", "embed"))
+    return x_BxLxD, stats
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. `__call__` returns (logits_BxLxV in float32, aux)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd)
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+    self.final_norm = _ones((cfg.d_model,), ("norm",), pd)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
+
+  def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None, *, train: bool = False,
+               rngs: nnx.Rngs | None = None):
+    """Aux holds per-MoE-layer router statistics under aux["moe"][layer_id]."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones_like(tokens_BxL)
+    mask = layers.attention_mask(segment_ids_BxL, cfg.sliding_window)
+    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
+    x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
+    moe_stats = {}
+    for i, block in enumerate(self.layers):
+      x_BxLxD, stats = block(x_BxLxD, positions_BxL, mask, inv_freq, train=train, rngs=rngs)
+      if stats:
+        moe_stats[i] = stats
+    x_BxLxD = layers.rms_norm(x_BxLxD, self.final_norm[...], cfg.rms_eps)
+    head_DxV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt),
+                        preferred_element_type=jnp.float32)
+    return logits, {"moe": moe_stats}
+
+
+def create(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  """A randomly initialised model on the default device (no mesh needed)."""
+  with nnx.use_eager_sharding(False):
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract(cfg: ModelConfig) -> Transformer:
+  """Shapes and sharding metadata only, no memory: the target for loading weights."""
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))

@@ -1,0 +1,6 @@
+"""Test setup: 8 fake CPU devices for sharded paths (set before jax is imported)."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
