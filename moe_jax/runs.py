@@ -63,3 +63,13 @@ def evaluate(config, workdir: str) -> dict:
   checkpoint.write_json_atomic(os.path.join(workdir, "eval.json"), result)
   print(f"eval_loss={result['eval_loss']:.6f} ppl={result['ppl']:.4f} tokens={result['tokens']}")
   return result
+
+
+def demo(workdir: str, max_windows: int = 32) -> dict:
+  """The main job at this stage: the embedded model's perplexity and a completion."""
+  from configs import evaluate as eval_config  # pylint: disable=g-import-not-at-top
+  config = eval_config.get_config()
+  config.max_windows = max_windows
+  config.prompt = "The three most useful Python built-in functions are"
+  print("moe_jax demo: SmolLM2-135M-Instruct (embedded GGUF) on pydoc_data.topics")
+  return evaluate(config, os.path.join(workdir, "dense_eval"))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from moe_jax.config import ModelConfig, RopeScaling
 
@@ -94,24 +94,9 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
     try:
       with safe_open(file, framework="numpy") as f:
         for name in f.keys():
-          yield name, _as_float32(f, name), file
-    except (OSError, ValueError, RuntimeError) as e:  # safetensors raises SafetensorError(Exception)
+          yield name, np.asarray(f.get_tensor(name), dtype=np.float32), file
+    except (OSError, SafetensorError) as e:
       raise ValueError(f"{file}: cannot read safetensors ({_one_line(e)})") from None
-    except Exception as e:
-      if type(e).__name__ == "SafetensorError":
-        raise ValueError(f"{file}: cannot read safetensors ({_one_line(e)})") from None
-      raise
-
-
-def _as_float32(f, name: str) -> np.ndarray:
-  """numpy has no bfloat16: read those through ml_dtypes via the raw slice."""
-  try:
-    return np.asarray(f.get_tensor(name), dtype=np.float32)
-  except TypeError:
-    import ml_dtypes  # bfloat16 tensors
-    sl = f.get_slice(name)
-    raw = sl[:]
-    return np.asarray(raw.view(ml_dtypes.bfloat16), dtype=np.float32)
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,0 +1,16 @@
+"""The main job on the embedded defaults (`make demo`). See moe_jax.runs.demo."""
+from absl import app, flags
+
+from moe_jax import runs
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes its outputs.")
+_WINDOWS = flags.DEFINE_integer("max_windows", 32, "Eval windows of 512 tokens (0 = all 220).")
+
+
+def main(argv):
+  del argv
+  runs.main_guard(runs.demo, _WORKDIR.value, _WINDOWS.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
