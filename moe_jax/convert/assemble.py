@@ -16,37 +16,49 @@ from moe_jax.models import llama
 
 def model_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray, str]],
                        mesh: jax.sharding.Mesh | None = None) -> llama.Transformer:
-  """Builds the model, placing each tensor (sharded over `mesh` if given) as it arrives.
+  """Builds the model, placing each param (sharded over `mesh` if given) once complete.
 
-  `tensors` yields (HF name, array, source file). Unknown names, wrong shapes and
-  missing params raise ValueError naming the file and tensor.
+  `tensors` yields (HF name, array, source file). Per-expert HF tensors are stacked
+  into their [E, ...] param. Unknown names, wrong shapes and missing params raise
+  ValueError naming the file and tensor.
   """
   graphdef, state = nnx.split(llama.abstract(cfg))
   targets = dict(nnx.to_flat_state(state))
   filled: dict = {}
-  last_source = "checkpoint"
+  partial: dict = {}  # path -> (buffer, set of expert indices seen)
+  source = "checkpoint"
   for name, w, source in tensors:
-    last_source = source
     if cfg.tie_embeddings and name == "lm_head.weight":
       continue  # some tied checkpoints store the head anyway
     try:
-      path = hf_names.hf_to_path(cfg, name)
+      m = hf_names.match(cfg, name)
     except KeyError:
       raise ValueError(f"{source}: unexpected tensor {name!r} for a {cfg.arch} model") from None
-    if path is None:
+    if m is None:
       continue
-    if path not in targets:
-      raise ValueError(f"{source}: unexpected tensor {name!r} for this config ({path})")
-    var = targets[path]
-    expected = hf_names.hf_shape(cfg, path, var.get_value().shape)
+    var = targets.get(m.path)
+    shape = None if var is None else var.get_value().shape
+    if var is None or (m.expert is not None and (len(shape) < 3 or m.expert >= shape[0])):
+      raise ValueError(f"{source}: unexpected tensor {name!r} for this config")
+    expected = hf_names.hf_shape(m.rule, shape if m.expert is None else shape[1:])
     if tuple(w.shape) != expected:
       raise ValueError(f"{source}: tensor {name!r} has shape {tuple(w.shape)}, expected {expected}")
-    value = hf_names.to_ours(cfg, path, w)
-    filled[path] = _place(value, var, mesh)
+    value = m.rule.to_ours(w)
+    if m.expert is None:
+      filled[m.path] = _place(value, var, mesh)
+      continue
+    buf, seen = partial.setdefault(m.path, (np.zeros(shape, np.float32), set()))
+    buf[m.expert] = value
+    seen.add(m.expert)
+    if len(seen) == shape[0]:
+      filled[m.path] = _place(partial.pop(m.path)[0], var, mesh)
   missing = [p for p in targets if p not in filled]
   if missing:
-    name = _hf_name(cfg, missing[0])
-    raise ValueError(f"{last_source}: missing tensor {name!r} ({len(missing)} params missing)")
+    path = missing[0]
+    seen = partial.get(path, (None, set()))[1]
+    expert = min(set(range(targets[path].get_value().shape[0])) - seen) if path in partial else None
+    raise ValueError(f"{source}: missing tensor {_name(cfg, path, expert)!r} "
+                     f"({len(missing)} params incomplete)")
   for path, var in targets.items():
     var.set_value(filled[path])
   return nnx.merge(graphdef, nnx.from_flat_state(targets))
@@ -59,8 +71,10 @@ def _place(value: np.ndarray, var: nnx.Variable, mesh) -> jax.Array:
   return jax.device_put(value.astype(dtype), sharding.variable_sharding(var, mesh))
 
 
-def _hf_name(cfg: ModelConfig, path) -> str:
-  try:
-    return hf_names.path_to_hf_name(cfg, path)
-  except KeyError:
-    return "/".join(map(str, path))
+def _name(cfg: ModelConfig, path, expert) -> str:
+  for e in (expert, 0):
+    try:
+      return hf_names.hf_name(cfg, path, e)
+    except KeyError:
+      continue
+  return "/".join(map(str, path))
