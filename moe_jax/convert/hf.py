@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from moe_jax.config import ModelConfig, RopeScaling
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 
@@ -53,7 +53,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
     heads = hf["num_attention_heads"]
     theta, scaling = _rope(hf)
     window = hf.get("sliding_window")
-    if arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if arch.startswith("qwen") and not hf.get("use_sliding_window", False):
       window = None
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
@@ -62,11 +62,33 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
         ffn_dim=hf["intermediate_size"], rope_theta=theta, rope_scaling=scaling,
         rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-        qk_norm=arch == "qwen3", sliding_window=window,
-        max_seq_len=hf.get("max_position_embeddings", 2048), arch=arch, **overrides)
+        qkv_bias=arch in ("qwen2", "qwen2_moe") or bool(hf.get("attention_bias", False)),
+        qk_norm=arch in ("qwen3", "qwen3_moe"), sliding_window=window,
+        max_seq_len=hf.get("max_position_embeddings", 2048), arch=arch,
+        moe=_moe_config(hf, arch, source), **overrides)
   except KeyError as e:
     raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def _moe_config(hf: dict[str, Any], arch: str, source: str):
+  """MoeConfig of an HF MoE family (dropless routing, as their forward passes are)."""
+  if arch not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    return None
+  from moe_jax.moe.config import MoeConfig  # pylint: disable=g-import-not-at-top
+  if arch == "mixtral":
+    return MoeConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+                     expert_dim=hf["intermediate_size"], router="topk_softmax")
+  n = hf["num_hidden_layers"]
+  step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+  ids = [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+  if not ids:
+    raise ValueError(f"{source}: no MoE layers (decoder_sparse_step/mlp_only_layers)")
+  shared = hf.get("shared_expert_intermediate_size", 0) if arch == "qwen2_moe" else 0
+  return MoeConfig(num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],
+                   expert_dim=hf["moe_intermediate_size"], router="softmax_topk",
+                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                   shared_expert_dim=shared, shared_expert_gate=bool(shared),
+                   layers="all" if len(ids) == n else ",".join(map(str, ids)))
 
 
 def read_hf_config(path: str, **overrides) -> ModelConfig:
