@@ -1,0 +1,51 @@
+"""grain input pipeline: tokenise, shuffle by seed, pack into fixed-length rows.
+
+A packed row of `seq_len + 1` tokens carries segment ids and positions; `to_batch`
+turns it into inputs, next-token targets and a loss mask that never crosses documents.
+The iterator's state (grain's own) goes into training checkpoints.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import grain
+import numpy as np
+from grain import experimental as grain_exp
+
+
+def tokenize_documents(docs: Sequence[str], encode: Callable[[str], list[int]],
+                       eos_id: int | None) -> list[np.ndarray]:
+  """Token arrays, each document followed by EOS when the tokenizer has one."""
+  out = []
+  for doc in docs:
+    ids = list(encode(doc)) + ([eos_id] if eos_id is not None else [])
+    if ids:
+      out.append(np.asarray(ids, np.int32))
+  return out
+
+
+def packed_dataset(token_docs: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int,
+                   *, shard_index: int = 0, shard_count: int = 1,
+                   num_epochs: int | None = None) -> grain.IterDataset:
+  """Infinite (or `num_epochs`) stream of [batch_size, seq_len + 1] packed batches.
+
+  Documents are shuffled per epoch by `seed`, sharded by process (`shard_index` of
+  `shard_count`), concatenated and split into rows (a long document continues in the
+  next row as a new segment).
+  """
+  ds = grain.MapDataset.source(list(token_docs))
+  ds = ds[shard_index::shard_count]
+  ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.map(lambda t: {"tokens": t}).to_iter_dataset()
+  ds = grain_exp.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Model inputs and targets from packed rows: the loss mask drops cross-document and pad."""
+  tokens, seg, pos = (packed["tokens"], packed["tokens_segment_ids"],
+                      packed["tokens_positions"])
+  mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+  return {"tokens": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+          "positions": pos[:, :-1].astype(np.int32), "segment_ids": seg[:, :-1].astype(np.int32),
+          "loss_mask": mask.astype(np.float32)}

@@ -1,0 +1,53 @@
+"""One metrics writer: process 0 writes JSON lines and TensorBoard events (STYLE.md #8)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def router_summary(moe_stats: dict[int, dict[str, Any]]) -> dict[str, float]:
+  """Flat per-layer router statistics: expert-load min/max/CV, drops, entropy, losses."""
+  out = {}
+  for layer, s in sorted(moe_stats.items()):
+    load = np.asarray(s["load_E"], np.float64)
+    mean = load.mean()
+    prefix = f"moe/layer{layer:02d}/"
+    out[prefix + "load_min"] = float(load.min())
+    out[prefix + "load_max"] = float(load.max())
+    out[prefix + "load_cv"] = float(load.std() / mean) if mean > 0 else 0.0
+    for key in ("dropped_fraction", "router_entropy", "aux_loss", "z_loss"):
+      out[prefix + key] = float(s[key])
+  return out
+
+
+class MetricWriter:
+  """Writes scalars to workdir/metrics.jsonl and TensorBoard; a no-op off process 0."""
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._jsonl = self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
+    self._jsonl.flush()
+    for k, v in clean.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()

@@ -1,0 +1,190 @@
+"""The training loop: resumable (orbax + grain state), observable, preemption-safe.
+
+Checkpoints hold params, optimizer state, router biases, the data iterator's state and
+the step; the per-step RNG is fold_in(seed, step), so a resumed run repeats exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from moe_jax import metrics as metrics_lib
+from moe_jax import sharding
+from moe_jax.data import pipeline
+from moe_jax.train import flops, optim, step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  steps: int = 100
+  batch_size: int = 8
+  seq_len: int = 256
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 50
+  eval_batches: int = 4
+  ckpt_every: int = 50
+  keep: int = 2
+  inject_nan_at_step: int = -1   # testing hook: poison that step's loss mask with NaN
+
+
+class Preempted:
+  """Set by SIGTERM; the loop saves at the next step boundary and exits 0."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, *_):
+    self.flag = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def checkpoint_manager(ckpt_dir: str, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                         create=True)
+  return ocp.CheckpointManager(
+      ckpt_dir, options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+
+
+def _save(mngr, step: int, state: nnx.State, data_iter, meta: dict, force: bool = False):
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+      data=grain.checkpoint.CheckpointSave(data_iter),
+      meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def _restore(mngr, step: int, state: nnx.State, data_iter, mesh) -> None:
+  target = sharding.abstract_arrays(state, mesh)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target),
+      data=grain.checkpoint.CheckpointRestore(data_iter)))
+  nnx.replace_by_pure_dict(state, restored["state"])
+
+
+def _batch_to_device(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  spec = sharding.logical_to_spec(("batch", "length"), mesh_axes=mesh.axis_names)
+  return {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, spec)) for k, v in batch.items()}
+
+
+def evaluate_batches(model, batches: list[dict], mesh) -> dict[str, float]:
+  total, count = 0.0, 0.0
+  for b in batches:
+    nll, n = step_lib.eval_step(model, _batch_to_device(b, mesh))
+    total += float(nll)
+    count += float(n)
+  loss = total / max(count, 1.0)
+  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def _progress(total: int, start: int):
+  if sys.stdout.isatty():
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+  return None
+
+
+def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
+          loop: LoopConfig, opt: optim.OptimConfig, workdir: str,
+          mesh: jax.sharding.Mesh | None = None, meta: dict[str, Any] | None = None) -> dict:
+  """Trains `model` in place; resumes from workdir/checkpoints if a checkpoint exists.
+
+  Returns the last logged metrics (with the final eval loss). Raises FloatingPointError
+  on a NaN/Inf loss, leaving the last good checkpoint as it was.
+  """
+  optimizer = nnx.Optimizer(model, optim.make_tx(opt), wrt=nnx.Param)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  if loop.batch_size % pcount:
+    raise ValueError(f"config.batch_size={loop.batch_size} not divisible by {pcount} processes")
+  local_batch = loop.batch_size // pcount
+  data_iter = iter(pipeline.packed_dataset(train_docs, loop.seq_len, local_batch, loop.seed,
+                                           shard_index=pidx, shard_count=pcount))
+  eval_iter = iter(pipeline.packed_dataset(eval_docs, loop.seq_len, local_batch, loop.seed,
+                                           shard_index=pidx, shard_count=pcount, num_epochs=1))
+  eval_set = [pipeline.to_batch(b) for _, b in zip(range(loop.eval_batches), eval_iter)]
+  mngr = checkpoint_manager(os.path.join(os.path.abspath(workdir), "checkpoints"), loop.keep)
+  state = nnx.state((model, optimizer))
+  start = mngr.latest_step() or 0
+  if start:
+    _restore(mngr, start, state, data_iter, mesh)
+    nnx.update((model, optimizer), state)
+    logging.info("resumed from step %d", start)
+  meta = dict(meta or {}, model=model.cfg.to_dict())
+  writer = metrics_lib.MetricWriter(workdir)
+  flops_per_token = flops.train_flops_per_token(model.cfg, loop.seq_len)
+  peak = flops.peak_flops_per_device()
+  key = jax.random.key(loop.seed)
+  bar = _progress(loop.steps, start)
+  last: dict[str, float] = {}
+  t_last, tokens_since = time.time(), 0.0
+  with Preempted() as preempted:
+    for step in range(start, loop.steps):
+      batch = pipeline.to_batch(next(data_iter))
+      if step == loop.inject_nan_at_step:
+        batch["loss_mask"] = batch["loss_mask"] * np.float32("nan")
+      m = step_lib.train_step(model, optimizer, _batch_to_device(batch, mesh),
+                              jax.random.fold_in(key, step))
+      loss = float(m["loss"])
+      if not math.isfinite(loss):
+        mngr.wait_until_finished()
+        writer.close()
+        raise FloatingPointError(
+            f"step {step + 1}: loss is {loss}; stopped. Last good checkpoint: "
+            f"{mngr.latest_step() or 'none'} in {mngr.directory}")
+      tokens_since += float(m["tokens"])
+      done = step + 1
+      if done % loop.log_every == 0 or done == loop.steps:
+        dt = max(time.time() - t_last, 1e-9)
+        tps = tokens_since / dt
+        last = {"loss": loss, "ce": float(m["ce"]), "aux_loss": float(m["aux_loss"]),
+                "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
+                "lr": float(optim.schedule(opt)(step)), "tokens_per_s": tps}
+        if peak:
+          last["mfu"] = tps * flops_per_token / (peak * jax.device_count())
+        last.update(metrics_lib.router_summary(jax.device_get(m["moe"])))
+        if done % loop.eval_every == 0 or done == loop.steps:
+          last.update(evaluate_batches(model, eval_set, mesh))
+        writer.write(done, last)
+        if bar is None:
+          logging.info("step %d/%d loss=%.4f%s", done, loop.steps, loss,
+                       f" eval_loss={last['eval_loss']:.4f}" if "eval_loss" in last else "")
+        t_last, tokens_since = time.time(), 0.0
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+      if done % loop.ckpt_every == 0 or done == loop.steps or preempted.flag:
+        _save(mngr, done, nnx.state((model, optimizer)), data_iter, meta,
+              force=preempted.flag)
+      if preempted.flag:
+        logging.warning("SIGTERM: saved step %d, exiting", done)
+        break
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  if bar is not None:
+    bar.close()
+  return last

@@ -1,0 +1,88 @@
+"""Optimiser: AdamW with warmup + cosine or warmup-stable-decay, clipping, a decay mask
+(no decay on norms and biases) and an optional learning-rate multiplier for routers."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+NO_DECAY = {"attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk", "bv",
+            "router_bias"}
+ROUTER = {"router"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float = 3e-4
+  schedule: str = "cosine"         # cosine | wsd | constant
+  warmup_steps: int = 10
+  total_steps: int = 100
+  decay_fraction: float = 0.2      # wsd: the final fraction of steps that decays
+  final_lr_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0           # 0 = no clipping
+  router_lr_mult: float = 1.0
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"optim.schedule={self.schedule!r}: expected one of {sorted(SCHEDULES)}")
+    if self.total_steps < 1 or self.warmup_steps < 0:
+      raise ValueError(f"optim.total_steps={self.total_steps}/warmup_steps={self.warmup_steps}: "
+                       "expected total >= 1 and warmup >= 0")
+    if self.lr <= 0:
+      raise ValueError(f"optim.lr={self.lr}: expected > 0")
+
+
+def _cosine(c: OptimConfig) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      0.0, c.lr, max(c.warmup_steps, 1), max(c.total_steps, c.warmup_steps + 1),
+      end_value=c.lr * c.final_lr_fraction)
+
+
+def _wsd(c: OptimConfig) -> optax.Schedule:
+  decay = max(int(c.total_steps * c.decay_fraction), 1)
+  stable = max(c.total_steps - c.warmup_steps - decay, 0)
+  return optax.join_schedules([
+      optax.linear_schedule(0.0, c.lr, max(c.warmup_steps, 1)),
+      optax.constant_schedule(c.lr),
+      optax.linear_schedule(c.lr, c.lr * c.final_lr_fraction, decay),
+  ], boundaries=[max(c.warmup_steps, 1), max(c.warmup_steps, 1) + stable])
+
+
+def _constant(c: OptimConfig) -> optax.Schedule:
+  return optax.join_schedules([optax.linear_schedule(0.0, c.lr, max(c.warmup_steps, 1)),
+                               optax.constant_schedule(c.lr)], [max(c.warmup_steps, 1)])
+
+
+SCHEDULES = {"cosine": _cosine, "wsd": _wsd, "constant": _constant}
+
+
+def _leaf_name(path) -> str:
+  last = path[-1]
+  return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def _mask(names: set[str], include: bool):
+  def fn(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: (_leaf_name(p) in names) == include, params)
+  return fn
+
+
+def schedule(c: OptimConfig) -> optax.Schedule:
+  return SCHEDULES[c.schedule](c)
+
+
+def make_tx(c: OptimConfig) -> optax.GradientTransformation:
+  parts = []
+  if c.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(c.clip_norm))
+  parts.append(optax.adamw(schedule(c), c.b1, c.b2, c.eps, weight_decay=c.weight_decay,
+                           mask=_mask(NO_DECAY, include=False)))
+  if c.router_lr_mult != 1.0:
+    parts.append(optax.masked(optax.scale(c.router_lr_mult), _mask(ROUTER, include=True)))
+  return optax.chain(*parts)
