@@ -53,17 +53,33 @@ def write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def save(path: str, model: llama.Transformer, tokenizer=None,
-         provenance: dict[str, Any] | None = None, overwrite: bool = False) -> None:
-  """Saves config, all model variables and the tokenizer as one checkpoint directory."""
+def split_items(pure: dict) -> Iterator[tuple[str, dict]]:
+  """A model's pure state as orbax items: 'root' (embeddings, final norm, head) and one
+  item per layer, so conversions can write a checkpoint one layer at a time."""
+  yield "root", {k: v for k, v in pure.items() if k != "layers"}
+  for i in sorted(pure.get("layers", {})):
+    yield f"layer_{i:03d}", pure["layers"][i]
+
+
+def write_items(path: str, cfg: ModelConfig, items: Iterator[tuple[str, dict]], tokenizer=None,
+                provenance: dict[str, Any] | None = None, overwrite: bool = False) -> None:
+  """Writes a checkpoint from (item name, pure dict) pairs, each saved as it arrives."""
   with atomic_dir(path, overwrite) as tmp:
-    state = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, "params"), state)
-    meta = {"format": "moe_jax", "model": model.cfg.to_dict(), "provenance": provenance or {}}
+      for name, tree in items:
+        ckptr.save(os.path.join(tmp, "params", name), tree)
+        ckptr.wait_until_finished()
+    meta = {"format": "moe_jax", "model": cfg.to_dict(), "provenance": provenance or {}}
     write_json_atomic(os.path.join(tmp, MARKER), meta)
     if tokenizer is not None:
       tokenizer.save(tmp)
+
+
+def save(path: str, model: llama.Transformer, tokenizer=None,
+         provenance: dict[str, Any] | None = None, overwrite: bool = False) -> None:
+  """Saves config, all model variables and the tokenizer as one checkpoint directory."""
+  pure = nnx.to_pure_dict(nnx.state(model))
+  write_items(path, model.cfg, split_items(pure), tokenizer, provenance, overwrite)
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -72,12 +88,18 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def load(path: str, mesh: jax.sharding.Mesh | None = None, **cfg_overrides) -> llama.Transformer:
-  """Restores a model saved by `save`, sharded over `mesh` when given."""
+  """Restores a model saved by `save`, sharded over `mesh` when given, item by item."""
   cfg = ModelConfig.from_dict(read_meta(path)["model"]).replace(**cfg_overrides)
   graphdef, state = nnx.split(llama.abstract(cfg))
   target = sharding.abstract_arrays(state, mesh)
+  restored = {}
   with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
+    for name, tree in split_items(target):
+      item = ckptr.restore(os.path.join(os.path.abspath(path), "params", name), tree)
+      if name == "root":
+        restored.update(item)
+      else:
+        restored.setdefault("layers", {})[int(name[len("layer_"):])] = item
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)
 
