@@ -56,4 +56,10 @@ def load_model(path: str = "", mesh: jax.sharding.Mesh | None = None, **override
         cfg, ((n, w, path) for n, w in gguf.iter_gguf_tensors(path)), mesh)
   else:
     model = assemble.model_from_tensors(cfg, hf.iter_safetensors(path), mesh)
-  return model, tokenizer_lib.load_tokenizer(path)
+  return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str = "") -> tokenizer_lib.Tokenizer:
+  path = path or gguf.embedded_gguf_path()
+  checkpoint_kind(path)  # a one-line error for a bad path
+  return tokenizer_lib.load_tokenizer(path)

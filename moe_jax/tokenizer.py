@@ -1,0 +1,94 @@
+"""Tokenizers that come with a checkpoint: tokenizer.json, or a GGUF's own vocabulary.
+
+A thin wrapper over `tokenizers.Tokenizer` (transformers is not needed). `encode`
+never adds special tokens: perplexity and packing decide where BOS/EOS go.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+_CONTROL = 3  # llama.cpp token type of special tokens
+
+
+class Tokenizer:
+  """encode/decode plus the ids a training pipeline needs."""
+
+  def __init__(self, tok: tokenizers.Tokenizer, bos_id: int | None, eos_id: int | None):
+    self.tok, self.bos_id, self.eos_id = tok, bos_id, eos_id
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: list[int]) -> str:
+    return self.tok.decode(list(ids), skip_special_tokens=False)
+
+  def save(self, path: str) -> None:
+    self.tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+      json.dump({"bos_token_id": self.bos_id, "eos_token_id": self.eos_id}, f)
+
+  @classmethod
+  def load(cls, path: str) -> "Tokenizer":
+    return tokenizer_from_hf_dir(path)
+
+
+def _special_id(tok: tokenizers.Tokenizer, cfg: dict, key: str) -> int | None:
+  value = cfg.get(f"{key}_token_id")
+  if value is None and isinstance(cfg.get(f"{key}_token"), (str, dict)):
+    token = cfg[f"{key}_token"]
+    value = tok.token_to_id(token["content"] if isinstance(token, dict) else token)
+  return value[0] if isinstance(value, list) else value
+
+
+def tokenizer_from_hf_dir(path: str) -> Tokenizer:
+  """tokenizer.json, with BOS/EOS ids from tokenizer_config.json or config.json."""
+  file = os.path.join(path, "tokenizer.json")
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{file}: tokenizer not found")
+  tok = tokenizers.Tokenizer.from_file(file)
+  ids = {}
+  for name in ("tokenizer_config.json", "config.json"):
+    cfg_file = os.path.join(path, name)
+    if os.path.isfile(cfg_file):
+      with open(cfg_file) as f:
+        cfg = json.load(f)
+      for key in ("bos", "eos"):
+        if ids.get(key) is None:
+          ids[key] = _special_id(tok, cfg, key)
+  return Tokenizer(tok, ids.get("bos"), ids.get("eos"))
+
+
+def tokenizer_from_gguf(path: str) -> Tokenizer:
+  """Byte-level BPE from a GGUF's `tokenizer.ggml.*` metadata (tokenizer model 'gpt2')."""
+  from moe_jax.convert import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
+  reader = gguf_lib.open_reader(path)
+  field = lambda k: None if reader.fields.get(k) is None else reader.fields[k].contents()
+  kind = field("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported; expected 'gpt2'")
+  tokens = field("tokenizer.ggml.tokens")
+  types = field("tokenizer.ggml.token_type")
+  merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                   byte_fallback=False)
+  tok = tokenizers.Tokenizer(bpe)
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                          for t, ty in zip(tokens, types) if ty == _CONTROL])
+  return Tokenizer(tok, field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"))
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """The tokenizer of a checkpoint: a .gguf file, or a directory with tokenizer.json."""
+  if os.path.isfile(path) and path.endswith(".gguf"):
+    return tokenizer_from_gguf(path)
+  return tokenizer_from_hf_dir(path)

@@ -1,0 +1,110 @@
+"""The embedded SmolLM2-135M-Instruct GGUF: tensors, logits, tokenizer and perplexity
+checked against transformers loading the same file."""
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from moe_jax import evaluate, runs
+from moe_jax import tokenizer as tokenizer_lib
+from moe_jax.convert import gguf, load
+from moe_jax.data import corpus
+from configs import evaluate as eval_config
+
+PATH = gguf.embedded_gguf_path()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(PATH), gguf_file=os.path.basename(PATH), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+  return transformers.AutoTokenizer.from_pretrained(os.path.dirname(PATH),
+                                                    gguf_file=os.path.basename(PATH))
+
+
+@pytest.fixture(scope="module")
+def ours():
+  return load.load_model("")
+
+
+def test_config():
+  cfg = load.read_config("")
+  assert (cfg.n_layers, cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads) == (30, 576, 1536, 9, 3)
+  assert cfg.tie_embeddings and cfg.rope_theta == 100000.0
+
+
+def test_tensors_equal_transformers(hf_model):
+  """Every dequantised tensor, q/k un-permuted, equals transformers' own reading."""
+  state = hf_model.state_dict()
+  names = set()
+  for name, w in gguf.iter_gguf_tensors(PATH):
+    np.testing.assert_array_equal(w, state[name].numpy(), err_msg=name)
+    names.add(name)
+  assert names == set(state) - {"lm_head.weight"}  # tied: no output.weight in the file
+
+
+def test_logits_match_transformers(hf_model, ours):
+  model, _ = ours
+  tokens = np.random.RandomState(0).randint(0, 49152, (2, 48))
+  with torch.no_grad():
+    ref = hf_model(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))[0]), ref, atol=1e-3, rtol=0)
+
+
+def test_tokenizer_matches_transformers(hf_tokenizer):
+  tok = tokenizer_lib.tokenizer_from_gguf(PATH)
+  code = open(corpus.stdlib_files()[0], encoding="utf-8").read()
+  samples = [corpus.embedded_eval_text()[:50000], code, "x  \t\n\n 12345 6.02e23 ÄÖü ß 🤗 日本",
+             "<|im_start|>user\nhi<|im_end|>"]
+  for text in samples:
+    assert tok.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False)
+    assert tok.decode(tok.encode(text)) == text
+  assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 49152)
+
+
+def test_perplexity_matches_transformers(hf_model, tmp_path):
+  config = eval_config.get_config()
+  config.seq_len, config.max_windows, config.batch_size = 256, 4, 2
+  result = runs.evaluate(config, str(tmp_path))
+  ids = tokenizer_lib.tokenizer_from_gguf(PATH).encode(corpus.embedded_eval_text())
+  windows = torch.as_tensor(evaluate.make_windows(ids, 256, 4), dtype=torch.long)
+  with torch.no_grad():
+    logp = torch.log_softmax(hf_model(windows).logits[:, :-1].float(), -1)
+    ref = -logp.gather(-1, windows[:, 1:, None]).mean().item()
+  assert result["tokens"] == 4 * 255
+  assert abs(result["ppl"] / np.exp(ref) - 1) < 1e-3
+  assert os.path.exists(tmp_path / "eval.json")
+
+
+def test_generate_is_deterministic(ours):
+  model, tok = ours
+  a = evaluate.generate(model, tok.encode("The capital of France is"), 6, tok.eos_id)
+  b = evaluate.generate(model, tok.encode("The capital of France is"), 6, tok.eos_id)
+  assert a == b and len(a) >= 1
+
+
+def test_truncated_and_foreign_files(tmp_path):
+  bad = tmp_path / "cut.gguf"
+  with open(PATH, "rb") as f:
+    bad.write_bytes(f.read(os.path.getsize(PATH) // 2))
+  with pytest.raises(ValueError, match=f"{bad}: .*truncated"):
+    list(gguf.iter_gguf_tensors(str(bad)))
+  foreign = tmp_path / "x.gguf"
+  foreign.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+  with pytest.raises(ValueError, match=f"{foreign}: not a GGUF file"):
+    gguf.read_gguf_config(str(foreign))
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+  w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)
+  n_head = 6
+  permuted = w.reshape(n_head, 2, 4, 3).swapaxes(1, 2).reshape(w.shape)  # llama.cpp's permute
+  np.testing.assert_array_equal(gguf.unpermute_rotary(permuted, n_head), w)
