@@ -1,0 +1,1 @@
+"""Mixture-of-Experts block: routers, load-balancing losses and dispatch backends."""

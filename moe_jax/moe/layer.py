@@ -1,0 +1,86 @@
+"""MoeBlock: holds the router, expert and shared-expert params; the math is in
+routers.py, dispatch.py and losses.py."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.moe import dispatch, losses, routers
+from moe_jax.moe.config import MoeConfig
+
+_init = nnx.initializers.normal(0.02)
+
+
+def _param(rngs, shape, names, dtype, init=_init) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def update_router_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
+  """DeepSeek-V3 auxiliary-loss-free balancing: b_i += rate * sign(mean_load - load_i)."""
+  return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E).astype(bias_E.dtype)
+
+
+def moe_forward(x_TxD, router_DxE, w_gate, w_up, w_down, cfg: MoeConfig, *,
+                bias_E=None, jitter_key=None, dtype=jnp.float32):
+  """Routed experts only: (y_TxD, stats). Router in float32, experts in `dtype`."""
+  x32 = x_TxD.astype(jnp.float32)
+  if jitter_key is not None and cfg.jitter > 0:
+    x32 = x32 * jax.random.uniform(jitter_key, x32.shape, jnp.float32,
+                                   1.0 - cfg.jitter, 1.0 + cfg.jitter)
+  logits_TxE = x32 @ router_DxE.astype(jnp.float32)
+  routing = routers.route(logits_TxE, cfg, bias_E=bias_E)
+  y, dropped = dispatch.BACKENDS[cfg.backend](
+      x_TxD.astype(dtype), routing, w_gate.astype(dtype), w_up.astype(dtype),
+      w_down.astype(dtype), cfg)
+  stats = {
+      "aux_loss": cfg.aux_loss_coeff * losses.aux_loss(routing.probs_TxE, routing.experts_TxK,
+                                                       cfg.num_experts),
+      "z_loss": cfg.z_loss_coeff * losses.z_loss(logits_TxE),
+      "load_E": losses.expert_load(routing.experts_TxK, cfg.num_experts),
+      "dropped_fraction": jnp.asarray(dropped, jnp.float32),
+      "router_entropy": losses.entropy(routing.probs_TxE),
+  }
+  return y, stats
+
+
+class MoeBlock(nnx.Module):
+  """E routed SwiGLU experts, top-k routing, optional (gated) shared expert."""
+
+  def __init__(self, cfg: MoeConfig, d_model: int, *, rngs: nnx.Rngs,
+               param_dtype=jnp.float32, dtype=jnp.float32):
+    self.cfg, self.dtype = cfg, jnp.dtype(dtype)
+    e, f, d = cfg.num_experts, cfg.expert_dim, d_model
+    self.router = _param(rngs, (d, e), ("embed", None), param_dtype)
+    if cfg.router == "sigmoid_bias":
+      self.router_bias = nnx.BatchStat(jnp.zeros((e,), jnp.float32))
+    self.w_gate = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), param_dtype)
+    self.w_up = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), param_dtype)
+    self.w_down = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), param_dtype)
+    if cfg.shared_expert_dim:
+      fs = cfg.shared_expert_dim
+      self.shared_w_gate = _param(rngs, (d, fs), ("embed", "mlp"), param_dtype)
+      self.shared_w_up = _param(rngs, (d, fs), ("embed", "mlp"), param_dtype)
+      self.shared_w_down = _param(rngs, (fs, d), ("mlp", "embed"), param_dtype)
+      if cfg.shared_expert_gate:
+        self.shared_gate = _param(rngs, (d, 1), ("embed", None), param_dtype)
+
+  def __call__(self, x_BxLxD, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    """(y_BxLxD, stats): stats hold aux_loss and z_loss (with coefficients), load_E,
+    dropped_fraction and router_entropy, all float32."""
+    b, length, d = x_BxLxD.shape
+    x_TxD = x_BxLxD.reshape(b * length, d)
+    key = rngs.jitter() if (train and rngs is not None and self.cfg.jitter > 0) else None
+    bias = self.router_bias[...] if hasattr(self, "router_bias") else None
+    y_TxD, stats = moe_forward(x_TxD, self.router[...], self.w_gate[...], self.w_up[...],
+                               self.w_down[...], self.cfg, bias_E=bias, jitter_key=key,
+                               dtype=self.dtype)
+    if self.cfg.shared_expert_dim:
+      dt = self.dtype
+      xs = x_TxD.astype(dt)
+      h = jax.nn.silu(xs @ self.shared_w_gate[...].astype(dt)) * (xs @ self.shared_w_up[...].astype(dt))
+      shared = h @ self.shared_w_down[...].astype(dt)
+      if self.cfg.shared_expert_gate:
+        shared = jax.nn.sigmoid(xs @ self.shared_gate[...].astype(dt)) * shared
+      y_TxD = y_TxD + shared
+    return y_TxD.reshape(b, length, d).astype(x_BxLxD.dtype), stats

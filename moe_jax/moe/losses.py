@@ -1,0 +1,29 @@
+"""Load-balancing losses, without coefficients (the MoE block applies them)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def expert_load(experts_TxK: jax.Array, num_experts: int) -> jax.Array:
+  """Fraction of routed assignments per expert, [E], summing to 1 (f_i of Switch)."""
+  counts = jnp.zeros((num_experts,), jnp.float32).at[experts_TxK.reshape(-1)].add(1.0)
+  return counts / experts_TxK.size
+
+
+def aux_loss(probs_TxE: jax.Array, experts_TxK: jax.Array, num_experts: int) -> jax.Array:
+  """Switch load-balancing loss E * sum_i f_i P_i; equals 1 at perfect balance."""
+  f_E = jax.lax.stop_gradient(expert_load(experts_TxK, num_experts))
+  p_E = probs_TxE.astype(jnp.float32).mean(axis=0)
+  return num_experts * jnp.sum(f_E * p_E)
+
+
+def z_loss(logits_TxE: jax.Array) -> jax.Array:
+  """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TxE.astype(jnp.float32), axis=-1)))
+
+
+def entropy(probs_TxE: jax.Array) -> jax.Array:
+  """Mean per-token entropy of the router distribution (nats)."""
+  p = probs_TxE.astype(jnp.float32)
+  return -jnp.mean(jnp.sum(p * jnp.log(jnp.maximum(p, 1e-20)), axis=-1))
