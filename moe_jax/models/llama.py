@@ -71,8 +71,8 @@ class Mlp(nnx.Module):
     self.w_up = _param(rngs, (cfg.d_model, cfg.ffn_dim), ("embed", "mlp"), pd)
     self.w_down = _param(rngs, (cfg.ffn_dim, cfg.d_model), ("mlp", "embed"), pd)
 
-  def __call__(self, x_BxLxD, *, train: bool = False, rngs=None):
-    del train, rngs
+  def __call__(self, x_BxLxD, *, train: bool = False, key=None):
+    del train, key
     dt = self.dtype
     return layers.swiglu(x_BxLxD, self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
                          self.w_down[...].astype(dt)), {}
@@ -94,12 +94,12 @@ class Block(nnx.Module):
     else:
       self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask, inv_freq, *, train=False, rngs=None):
+  def __call__(self, x_BxLxD, positions_BxL, mask, inv_freq, *, train=False, key=None):
     eps = self.cfg.rms_eps
     x_BxLxD = x_BxLxD + self.attn(layers.rms_norm(x_BxLxD, self.attn_norm[...], eps),
                                   positions_BxL, mask, inv_freq)
     y_BxLxD, stats = self.mlp(layers.rms_norm(x_BxLxD, self.mlp_norm[...], eps),
-                              train=train, rngs=rngs)
+                              train=train, key=key)
     x_BxLxD = sharding.constrain(x_BxLxD + y_BxLxD, ("batch", "length", "embed"))
     return x_BxLxD, stats
 
@@ -118,8 +118,10 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None, *, train: bool = False,
-               rngs: nnx.Rngs | None = None):
-    """Aux holds per-MoE-layer router statistics under aux["moe"][layer_id]."""
+               key: jax.Array | None = None):
+    """Aux holds per-MoE-layer router statistics under aux["moe"][layer_id].
+
+    `key` seeds router jitter in training (folded with the layer index)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
@@ -131,7 +133,8 @@ class Transformer(nnx.Module):
     x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
     moe_stats = {}
     for i, block in enumerate(self.layers):
-      x_BxLxD, stats = block(x_BxLxD, positions_BxL, mask, inv_freq, train=train, rngs=rngs)
+      layer_key = None if key is None else jax.random.fold_in(key, i)
+      x_BxLxD, stats = block(x_BxLxD, positions_BxL, mask, inv_freq, train=train, key=layer_key)
       if stats:
         moe_stats[i] = stats
     x_BxLxD = layers.rms_norm(x_BxLxD, self.final_norm[...], cfg.rms_eps)

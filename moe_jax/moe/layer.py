@@ -65,12 +65,12 @@ class MoeBlock(nnx.Module):
       if cfg.shared_expert_gate:
         self.shared_gate = _param(rngs, (d, 1), ("embed", None), param_dtype)
 
-  def __call__(self, x_BxLxD, *, train: bool = False, rngs: nnx.Rngs | None = None):
+  def __call__(self, x_BxLxD, *, train: bool = False, key: jax.Array | None = None):
     """(y_BxLxD, stats): stats hold aux_loss and z_loss (with coefficients), load_E,
     dropped_fraction and router_entropy, all float32."""
     b, length, d = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(b * length, d)
-    key = rngs.jitter() if (train and rngs is not None and self.cfg.jitter > 0) else None
+    key = key if (train and self.cfg.jitter > 0) else None
     bias = self.router_bias[...] if hasattr(self, "router_bias") else None
     y_TxD, stats = moe_forward(x_TxD, self.router[...], self.w_gate[...], self.w_up[...],
                                self.w_down[...], self.cfg, bias_E=bias, jitter_key=key,

@@ -12,10 +12,10 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
 
 
-def loss_fn(model, batch: dict, *, train: bool = True, rngs: nnx.Rngs | None = None):
+def loss_fn(model, batch: dict, *, train: bool = True, key: jax.Array | None = None):
   """Masked next-token cross-entropy plus every MoE layer's aux and z losses."""
   logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], train=train,
-                      rngs=rngs)
+                      key=key)
   mask = batch["loss_mask"]
   n = jnp.maximum(mask.sum(), 1.0)
   ce = (token_nll(logits, batch["targets"]) * mask).sum() / n
@@ -39,8 +39,7 @@ def update_router_biases(model, moe_stats: dict) -> None:
 @nnx.jit(donate_argnums=(0, 1))
 def train_step(model, optimizer: nnx.Optimizer, batch: dict, rng: jax.Array):
   """One optimiser step; returns scalar metrics and per-layer router statistics."""
-  rngs = nnx.Rngs(jitter=rng)
-  grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch, train=True, rngs=rngs), has_aux=True)
+  grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch, train=True, key=rng), has_aux=True)
   (loss, metrics), grads = grad_fn(model)
   optimizer.update(model, grads)
   update_router_biases(model, metrics["moe"])

@@ -1,0 +1,212 @@
+"""MoE layer: routing invariants (hypothesis), backend equivalence, gradients, config errors."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings, strategies as st
+
+from moe_jax.moe import dispatch, layer, losses, routers
+from moe_jax.moe.config import MoeConfig
+
+SETTINGS = settings(max_examples=12, deadline=None)
+
+
+def _weights(e, d, f, seed=0, scale=0.3):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  return (jax.random.normal(ks[0], (d, e)) * scale,
+          jax.random.normal(ks[1], (e, d, f)) * scale, jax.random.normal(ks[2], (e, d, f)) * scale,
+          jax.random.normal(ks[3], (e, f, d)) * scale)
+
+
+def _reference(x, routing, wg, wu, wd, keep_TxK=None):
+  """Plain per-token loop over the chosen experts (numpy)."""
+  x, wg, wu, wd = map(np.asarray, (x, wg, wu, wd))
+  w, idx = np.asarray(routing.weights_TxK), np.asarray(routing.experts_TxK)
+  out = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    for j in range(idx.shape[1]):
+      if keep_TxK is not None and not keep_TxK[t, j]:
+        continue
+      e = idx[t, j]
+      g = x[t] @ wg[e]
+      h = g / (1 + np.exp(-g)) * (x[t] @ wu[e])
+      out[t] += w[t, j] * (h @ wd[e])
+  return out
+
+
+route_cases = st.tuples(st.integers(1, 40), st.integers(1, 8), st.integers(1, 8),
+                        st.sampled_from(sorted(routers.ROUTERS)), st.integers(0, 10_000))
+
+
+@SETTINGS
+@given(route_cases)
+def test_router_invariants(case):
+  t, e, k, name, seed = case
+  k = min(k, e)
+  cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=4, router=name)
+  logits = jax.random.normal(jax.random.key(seed), (t, e)) * 3
+  r = routers.route(logits, cfg, bias_E=jnp.linspace(-1, 1, e) if name == "sigmoid_bias" else None)
+  w, idx = np.asarray(r.weights_TxK), np.asarray(r.experts_TxK)
+  assert (w >= 0).all()
+  assert all(len(set(row)) == len(row) for row in idx.tolist())
+  np.testing.assert_allclose(np.asarray(r.probs_TxE).sum(-1), 1.0, atol=1e-5)
+  if name == "topk_softmax":
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+    top = np.sort(np.asarray(logits), -1)[:, ::-1][:, :k]
+    np.testing.assert_allclose(np.sort(np.take_along_axis(np.asarray(logits), idx, -1), -1)[:, ::-1], top, atol=1e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(2, 48), st.integers(2, 6), st.integers(1, 3),
+       st.sampled_from([0.25, 0.5, 1.0, 1.5]), st.sampled_from(["probability", "position"]),
+       st.integers(0, 1000))
+def test_capacity_never_exceeded_and_drops_contribute_nothing(t, e, k, cf, policy, seed):
+  k = min(k, e)
+  cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=4, backend="capacity", capacity_factor=cf,
+                  drop_policy=policy)
+  router, wg, wu, wd = _weights(e, 6, 4, seed)
+  x = jax.random.normal(jax.random.key(seed + 1), (t, 6))
+  r = routers.route(x @ router, cfg)
+  c = dispatch.capacity(t, cfg)
+  slots, keep, _, _ = dispatch._capacity_slots(x, r, cfg)
+  kept_per_expert = np.bincount(np.asarray(slots.expert_N)[np.asarray(keep)], minlength=e)
+  assert kept_per_expert.max() <= c
+  keep_TxK = np.zeros(t * k, bool)
+  keep_TxK[np.asarray(slots.order_N)] = np.asarray(keep)
+  keep_TxK = keep_TxK.reshape(t, k)
+  if policy == "probability":  # a dropped assignment never outweighs a kept one of its expert
+    w, idx = np.asarray(r.weights_TxK), np.asarray(r.experts_TxK)
+    for ex in range(e):
+      kept, dropped = w[(idx == ex) & keep_TxK], w[(idx == ex) & ~keep_TxK]
+      if len(kept) and len(dropped):
+        assert dropped.max() <= kept.min() + 1e-7
+  for backend in ("capacity", "capacity_einsum"):
+    y, frac = jax.jit(dispatch.BACKENDS[backend], static_argnums=5)(
+        x, r, wg, wu, wd, MoeConfig(**{**cfg.__dict__, "backend": backend}))
+    np.testing.assert_allclose(np.asarray(y), _reference(x, r, wg, wu, wd, keep_TxK), atol=1e-4)
+    assert abs(float(frac) - (1 - keep_TxK.mean())) < 1e-6
+
+
+def test_aux_loss_is_one_at_perfect_balance():
+  e, k = 4, 2
+  experts = jnp.array([[0, 1], [2, 3], [1, 0], [3, 2]])
+  probs = jnp.full((4, e), 1 / e)
+  assert abs(float(losses.aux_loss(probs, experts, e)) - 1.0) < 1e-6
+  cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=4, aux_loss_coeff=0.03)
+  x = jnp.ones((4, 6))
+  router = jnp.zeros((6, e))  # uniform probabilities; top-k ties broken by index -> unbalanced
+  _, stats = layer.moe_forward(x, router, *_weights(e, 6, 4)[1:], cfg)
+  f = np.asarray(stats["load_E"])
+  np.testing.assert_allclose(float(stats["aux_loss"]), 0.03 * e * np.sum(f / e), rtol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["topk_softmax", "softmax_topk", "sigmoid_bias"])
+def test_backends_agree_when_nothing_drops(router):
+  e, k, t, d, f = 4, 2, 24, 8, 6
+  params = _weights(e, d, f, seed=3)
+  x = jax.random.normal(jax.random.key(7), (t, d))
+  outs = {}
+  for backend in ("dropless", "capacity", "capacity_einsum", "ragged"):
+    cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=f, backend=backend, router=router,
+                    capacity_factor=float(e))
+    loss = lambda x, *p: jnp.sum(jnp.sin(layer.moe_forward(x, *p, cfg)[0]))
+    outs[backend] = (jax.jit(lambda *a: layer.moe_forward(*a, cfg)[0])(x, *params),
+                     jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, *params))
+  ref_y, ref_g = outs["ragged"]
+  r = routers.route(x @ params[0], MoeConfig(num_experts=e, top_k=k, expert_dim=f, router=router))
+  np.testing.assert_allclose(np.asarray(ref_y), _reference(x, r, *params[1:]), atol=1e-5)
+  for name, (y, g) in outs.items():
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=1e-5, err_msg=name)
+    for a, b in zip(g, ref_g):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=name)
+
+
+def test_dropless_gradient_matches_finite_differences():
+  e, k, t, d, f = 3, 2, 10, 4, 5
+  router, wg, wu, wd = _weights(e, d, f, seed=5)
+  x = jax.random.normal(jax.random.key(9), (t, d))
+  cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=f, backend="dropless")
+  loss = jax.jit(lambda wg, wu, wd: jnp.sum(layer.moe_forward(x, router, wg, wu, wd, cfg)[0] ** 2))
+  grads = jax.grad(loss, argnums=(0, 1, 2))(wg, wu, wd)
+  rng = np.random.default_rng(0)
+  eps = 1e-2
+  for i, (w, g) in enumerate(zip((wg, wu, wd), grads)):
+    for _ in range(4):
+      idx = tuple(rng.integers(0, s) for s in w.shape)
+      args = [wg, wu, wd]
+      hi = args.copy(); hi[i] = w.at[idx].add(eps)
+      lo = args.copy(); lo[i] = w.at[idx].add(-eps)
+      fd = (float(loss(*hi)) - float(loss(*lo))) / (2 * eps)
+      assert abs(fd - float(g[idx])) < 2e-3 * max(1.0, abs(fd)), (i, idx, fd, float(g[idx]))
+
+
+@pytest.mark.parametrize("backend", ["dropless", "capacity"])
+def test_gradient_reaches_only_routed_experts(backend):
+  e, k, t, d, f = 6, 2, 8, 8, 4
+  router, wg, wu, wd = _weights(e, d, f, seed=11)
+  x = jax.random.normal(jax.random.key(2), (t, d))
+  cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=f, backend=backend, capacity_factor=float(e))
+  idx = np.asarray(routers.route(x @ router, cfg).experts_TxK)
+  loss = lambda wg, wu, wd, tok: jnp.sum(layer.moe_forward(x, router, wg, wu, wd, cfg)[0][tok])
+  grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  for tok in range(t):
+    grads = grad_fn(wg, wu, wd, tok)
+    touched = {ex for ex in range(e)
+               if any(float(jnp.abs(g[ex]).max()) > 0 for g in grads)}
+    assert touched == set(idx[tok].tolist())
+
+
+def test_no_retrace_across_steps():
+  cfg = MoeConfig(num_experts=4, top_k=2, expert_dim=8, jitter=0.1)
+  with nnx.use_eager_sharding(False):
+    block = layer.MoeBlock(cfg, 8, rngs=nnx.Rngs(0))
+
+  @nnx.jit
+  @chex.assert_max_traces(n=1)
+  def step(block, x, key):
+    return nnx.grad(lambda b: b(x, train=True, key=key)[0].sum())(block)
+
+  for i in range(3):
+    step(block, jax.random.normal(jax.random.key(i), (2, 16, 8)), jax.random.key(i))
+
+
+def test_shared_expert_and_router_bias():
+  cfg = MoeConfig(num_experts=4, top_k=1, expert_dim=8, shared_expert_dim=6,
+                  shared_expert_gate=True, router="sigmoid_bias")
+  with nnx.use_eager_sharding(False):
+    block = layer.MoeBlock(cfg, 8, rngs=nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(0), (1, 5, 8))
+  y, stats = block(x)
+  routed, _ = layer.moe_forward(x[0], block.router[...], block.w_gate[...], block.w_up[...],
+                                block.w_down[...], cfg, bias_E=block.router_bias[...])
+  xs = x[0]
+  shared = (jax.nn.silu(xs @ block.shared_w_gate[...]) * (xs @ block.shared_w_up[...])) @ block.shared_w_down[...]
+  expected = routed + jax.nn.sigmoid(xs @ block.shared_gate[...]) * shared
+  np.testing.assert_allclose(np.asarray(y[0]), np.asarray(expected), atol=1e-6)
+  bias = layer.update_router_bias(jnp.zeros(4), jnp.array([0.5, 0.25, 0.25, 0.0]), 0.1)
+  np.testing.assert_allclose(np.asarray(bias), [-0.1, 0.0, 0.0, 0.1])
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    (dict(top_k=5), "moe.top_k=5"),
+    (dict(capacity_factor=0.0), "moe.capacity_factor"),
+    (dict(router="hash"), "moe.router='hash'"),
+    (dict(backend="megablox"), "moe.backend='megablox'"),
+    (dict(shared_expert_dim=-4), "moe.shared_expert_dim"),
+    (dict(layers="every:0"), "moe.layers"),
+])
+def test_bad_config_names_the_key(kwargs, key):
+  with pytest.raises(ValueError, match=key.replace("(", r"\(")) as e:
+    MoeConfig(**{"num_experts": 4, "top_k": 2, "expert_dim": 8, **kwargs})
+  assert "\n" not in str(e.value)
+
+
+def test_layer_placement():
+  cfg = lambda s: MoeConfig(num_experts=2, top_k=1, expert_dim=4, layers=s)
+  assert cfg("all").moe_layer_ids(4) == (0, 1, 2, 3)
+  assert cfg("every:2").moe_layer_ids(6) == (1, 3, 5)
+  assert cfg("0,3").moe_layer_ids(4) == (0, 3)
+  with pytest.raises(ValueError, match="moe.layers"):
+    cfg("0,7").moe_layer_ids(4)
