@@ -1,0 +1,60 @@
+"""Benchmarks measured side by side in one process (ratios, not absolute times)."""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax.models import layers
+from moe_jax.moe import layer
+from moe_jax.moe.config import MoeConfig
+
+
+def _time(fn, args) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+def alternate(fns: dict, repeats: int) -> dict[str, float]:
+  """Median seconds of each jitted fn, run alternately after one warm-up call each."""
+  for fn, args in fns.values():
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, (fn, args) in fns.items():
+      times[name].append(_time(fn, args))
+  return {name: float(np.median(v)) for name, v in times.items()}
+
+
+def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
+              capacity_factor: float, router: str, repeats: int) -> float:
+  cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=f, backend=backend, router=router,
+                  capacity_factor=capacity_factor)
+  dt = jnp.dtype(dtype)
+  ks = jax.random.split(jax.random.key(0), 8)
+  x = jax.random.normal(ks[0], (t, d), dt)
+  router_w = jax.random.normal(ks[1], (d, e), jnp.float32) * d ** -0.5
+  experts = [jax.random.normal(ks[i], s, dt) * s[-2] ** -0.5
+             for i, s in ((2, (e, d, f)), (3, (e, d, f)), (4, (e, f, d)))]
+  dense = [jax.random.normal(ks[i], s, dt) * s[-2] ** -0.5
+           for i, s in ((5, (d, k * f)), (6, (d, k * f)), (7, (k * f, d)))]
+
+  def moe_loss(x, *w):
+    y, stats = layer.moe_forward(x, router_w, *w, cfg, dtype=dt)
+    return jnp.sum(y.astype(jnp.float32)) + stats["aux_loss"]
+
+  def dense_loss(x, *w):
+    return jnp.sum(layers.swiglu(x, *w).astype(jnp.float32))
+
+  fns = {"moe": (jax.jit(jax.grad(moe_loss, argnums=(0, 1, 2, 3))), (x, *experts)),
+         "dense": (jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3))), (x, *dense))}
+  med = alternate(fns, repeats)
+  ratio = med["moe"] / med["dense"]
+  print(f"T={t} d={d} f={f} E={e} k={k} dtype={dtype} backend={backend} router={router} "
+        f"capacity_factor={capacity_factor} device={jax.devices()[0].device_kind}")
+  print(f"moe_fwd_bwd_s={med['moe']:.4f} dense_fwd_bwd_s={med['dense']:.4f}")
+  print(f"ratio={ratio:.3f}")
+  return ratio
