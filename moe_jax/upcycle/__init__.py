@@ -1,0 +1,1 @@
+"""Dense-to-MoE initialisations ("upcycling"): one function per published method."""

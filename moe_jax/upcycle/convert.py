@@ -1,0 +1,146 @@
+"""Streaming dense -> MoE conversion: tensors in (HF names, one at a time), checkpoint
+items out (one per layer), so peak memory stays near one layer's worth."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_jax.config import ModelConfig
+from moe_jax.convert import hf_names
+from moe_jax.models import llama
+from moe_jax.moe.config import MoeConfig
+from moe_jax.upcycle import methods, router_init
+
+_FFN = {"w_gate": 0, "w_up": 1, "w_down": 2}
+
+
+def moe_model_config(dense: ModelConfig, spec: methods.UpcycleSpec, layers: str = "all",
+                     **moe_overrides) -> ModelConfig:
+  """The upcycled model's config: the dense one plus an MoE section."""
+  spec.validate(dense.ffn_dim)
+  moe = MoeConfig(num_experts=spec.num_experts, top_k=spec.top_k,
+                  expert_dim=spec.expert_dim(dense.ffn_dim), router=spec.router,
+                  norm_topk_prob=spec.norm_topk_prob,
+                  shared_expert_dim=dense.ffn_dim if spec.shared_expert else 0,
+                  layers=layers, **moe_overrides)
+  return dense.replace(moe=moe)
+
+
+def _expected_paths(cfg: ModelConfig) -> dict[Any, set[tuple]]:
+  """For 'root' and each layer index, the param sub-paths a checkpoint item must hold."""
+  state = nnx.state(llama.abstract(cfg))
+  out: dict[Any, set[tuple]] = {}
+  for path, _ in nnx.to_flat_state(state):
+    key, sub = (path[1], path[2:]) if path[0] == "layers" else ("root", path)
+    out.setdefault(key, set()).add(sub)
+  return out
+
+
+def _nest(flat: dict[tuple, np.ndarray]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return out
+
+
+@dataclasses.dataclass
+class Upcycler:
+  """Turns one dense layer's FFN into its MoE params; routers come from `routers` (per
+  layer, e.g. k-means) or are drawn by `router_kind`."""
+  spec: methods.UpcycleSpec
+  moe_cfg: ModelConfig
+  router_kind: str = "normal"
+  router_std: float = 0.02
+  seed: int = 0
+  routers: dict[int, np.ndarray] | None = None
+
+  def layer(self, i: int, dense: methods.DenseFfn) -> dict[tuple, np.ndarray]:
+    rng = np.random.default_rng([self.seed, i])
+    experts = methods.METHODS[self.spec.method](dense, self.spec, rng)
+    d = dense.w_gate_DxF.shape[0]
+    if self.routers is not None and i in self.routers:
+      router = self.routers[i]
+    else:
+      router = router_init.init_router(self.router_kind, d, self.spec.num_experts, rng,
+                                       std=self.router_std, repeat=experts.router_repeat)
+    router_init.check_conditioning(router, experts.router_repeat, name=f"layer {i} router")
+    out = {("mlp", "w_gate"): experts.w_gate_ExDxF, ("mlp", "w_up"): experts.w_up_ExDxF,
+           ("mlp", "w_down"): experts.w_down_ExFxD, ("mlp", "router"): router}
+    if self.spec.router == "sigmoid_bias":
+      out[("mlp", "router_bias")] = np.zeros(self.spec.num_experts, np.float32)
+    if self.spec.shared_expert:
+      out.update({("mlp", "shared_w_gate"): dense.w_gate_DxF,
+                  ("mlp", "shared_w_up"): dense.w_up_DxF,
+                  ("mlp", "shared_w_down"): dense.w_down_FxD})
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray, str]],
+                  upcycler: Upcycler) -> Iterator[tuple[str, dict]]:
+  """Checkpoint items ('layer_007', then 'root') of the upcycled model, each emitted as
+  soon as all its tensors have streamed in."""
+  moe_cfg = upcycler.moe_cfg
+  moe_ids = set(moe_cfg.moe_layer_ids)
+  expected = _expected_paths(moe_cfg)
+  pending: dict[Any, dict[tuple, np.ndarray]] = {}
+  ffn: dict[int, list] = {}
+  source = "checkpoint"
+  for name, w, source in tensors:
+    if dense_cfg.tie_embeddings and name == "lm_head.weight":
+      continue
+    try:
+      m = hf_names.match(dense_cfg, name)
+    except KeyError:
+      raise ValueError(f"{source}: unexpected tensor {name!r} for a {dense_cfg.arch} model") from None
+    if m is None:
+      continue
+    key, sub = (m.path[1], m.path[2:]) if m.path[0] == "layers" else ("root", m.path)
+    if key not in expected:
+      raise ValueError(f"{source}: tensor {name!r} is beyond the model's {dense_cfg.n_layers} layers")
+    if key in moe_ids and sub[0] == "mlp":
+      parts = ffn.setdefault(key, [None, None, None])
+      parts[_FFN[sub[1]]] = m.rule.to_ours(w)
+      if all(p is not None for p in parts):
+        pending.setdefault(key, {}).update(upcycler.layer(key, methods.DenseFfn(*ffn.pop(key))))
+    else:
+      pending.setdefault(key, {})[sub] = np.asarray(m.rule.to_ours(w), np.float32)
+    if key != "root" and set(pending[key]) >= expected[key]:
+      yield f"layer_{key:03d}", _nest(pending.pop(key))
+  incomplete = sorted(k for k in pending if k != "root")
+  root_missing = expected["root"] - set(pending.get("root", {}))
+  if incomplete or root_missing:
+    layer = incomplete[0] if incomplete else None
+    what = (f"layer {layer}: {sorted(expected[layer] - set(pending[layer]))[0]}"
+            if layer is not None else f"{sorted(root_missing)[0]}")
+    raise ValueError(f"{source}: incomplete checkpoint, missing {what}")
+  yield "root", _nest(pending.pop("root"))
+
+
+def model_from_items(cfg: ModelConfig, items: Iterable[tuple[str, dict]]) -> llama.Transformer:
+  """An in-memory model from checkpoint items (the train binary's on-the-fly upcycle)."""
+  graphdef, state = nnx.split(llama.abstract(cfg))
+  pure: dict = {}
+  for name, tree in items:
+    if name == "root":
+      pure.update(tree)
+    else:
+      pure.setdefault("layers", {})[int(name[len("layer_"):])] = tree
+  nnx.replace_by_pure_dict(state, pure)
+  state = jax.tree.map(lambda v: jnp.asarray(v, dtype=cfg.param_dtype), state)
+  return nnx.merge(graphdef, state)
+
+
+def dense_tensors(model: llama.Transformer) -> Iterator[tuple[str, np.ndarray, str]]:
+  """A loaded dense model's params under their HF names (to upcycle from memory)."""
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, w = hf_names.to_hf(model.cfg, path, np.asarray(var.get_value(), np.float32))
+    yield name, w, "memory"
