@@ -19,6 +19,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 def main_guard(fn: Callable, *args, **kwargs):
   """Runs `fn`; a user error becomes one line on stderr and exit status 1."""
+  if logging.get_verbosity() == logging.INFO:  # orbax is chatty at INFO; -v 0 brings it back
+    logging.set_verbosity(logging.WARNING)
   try:
     return fn(*args, **kwargs)
   except USER_ERRORS as e:
@@ -74,3 +76,124 @@ def demo(workdir: str, max_windows: int = 32) -> dict:
   config.prompt = "The three most useful Python built-in functions are"
   print("moe_jax demo: SmolLM2-135M-Instruct (embedded GGUF) on pydoc_data.topics")
   return evaluate(config, os.path.join(workdir, "dense_eval"))
+
+
+def _sha256(path: str) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  files = [path] if os.path.isfile(path) else sorted(
+      os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".json")))
+  h = hashlib.sha256()
+  for f in files:
+    with open(f, "rb") as fh:
+      for chunk in iter(lambda: fh.read(1 << 24), b""):
+        h.update(chunk)
+  return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  return {p: md.version(p) for p in ("jax", "flax", "orbax-checkpoint", "moe_jax")
+          if _installed(p)}
+
+
+def _installed(pkg: str) -> bool:
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  try:
+    md.version(pkg)
+    return True
+  except md.PackageNotFoundError:
+    return False
+
+
+def _routers(config, source: str, dense_cfg, spec, tok, ids) -> dict[int, "np.ndarray"] | None:
+  """Data-driven routers (kmeans over calibration text, or per-prompt 'hidden' states)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from moe_jax.upcycle import calibrate, router_init  # pylint: disable=g-import-not-at-top
+  if config.router_init not in ("kmeans", "hidden"):
+    return None
+  model, _ = load.load_model(source)
+  repeat = spec.granularity if spec.method == "virtual_group" else 1
+  rng = np.random.default_rng(config.seed)
+  if config.router_init == "kmeans":
+    windows = eval_lib.make_windows(tok.encode("\n".join(corpus.stdlib_documents("valid"))),
+                                    256, config.calib_windows, "calibration text")
+    states = calibrate.layer_states(model, windows)
+    return {i: router_init.init_router("kmeans", dense_cfg.d_model, spec.num_experts, rng,
+                                       std=config.router_std, repeat=repeat, hidden_NxD=states[i])
+            for i in ids}
+  prompts = [p for p in config.hidden_prompts.split("|") if p.strip()]
+  if len(prompts) != spec.num_experts // repeat:
+    raise ValueError(f"config.hidden_prompts: {len(prompts)} prompts, expected "
+                     f"{spec.num_experts // repeat} (one per router column)")
+  dirs = calibrate.prompt_directions(model, [tok.encode(p) for p in prompts])
+  return {i: router_init.init_router("hidden", dense_cfg.d_model, spec.num_experts, rng,
+                                     std=config.router_std, repeat=repeat,
+                                     directions_RxD=dirs[i] - dirs[i].mean(0, keepdims=True))
+          for i in ids}
+
+
+def upcycle(config, workdir: str) -> dict:
+  """Dense checkpoint -> MoE checkpoint in `workdir` (streamed), then perplexities."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from moe_jax.convert import gguf, hf  # pylint: disable=g-import-not-at-top
+  from moe_jax.upcycle import convert, methods  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  if os.path.isdir(workdir) and os.listdir(workdir) and not config.overwrite:
+    raise FileExistsError(f"{workdir}: exists and is not empty (set --config.overwrite=True)")
+  spec = methods.UpcycleSpec(**config.upcycle)
+  source = config.source or gguf.embedded_gguf_path()
+  merge_sources = [s for s in config.merge_sources.split(",") if s]
+  if spec.method == "merge" and not merge_sources:
+    raise ValueError("config.merge_sources: method=merge needs one dense checkpoint per expert")
+  dense_cfg = load.read_config(merge_sources[0] if merge_sources else source)
+  moe_cfg = convert.moe_model_config(dense_cfg, spec, config.layers, backend=config.backend)
+  config_ids = moe_cfg.moe_layer_ids
+  tok = load.load_tokenizer(merge_sources[0] if merge_sources else source)
+  routers = _routers(config, source, dense_cfg, spec, tok, config_ids)
+  upcycler = convert.Upcycler(spec, moe_cfg, config.router_init, config.router_std, config.seed,
+                              routers)
+  if merge_sources:
+    tensors = _merge_stream(dense_cfg, merge_sources, config_ids, config.merge_base)
+  elif load.checkpoint_kind(source) == "gguf":
+    tensors = ((n, w, source) for n, w in gguf.iter_gguf_tensors(source))
+  else:
+    tensors = hf.iter_safetensors(source)
+  provenance = {"source": source, "merge_sources": merge_sources,
+                "source_sha256": [_sha256(p) for p in (merge_sources or [source])],
+                "upcycle": dataclasses.asdict(spec), "layers": config.layers,
+                "router_init": config.router_init, "router_std": config.router_std,
+                "seed": config.seed, "versions": _versions()}
+  t0 = time.time()
+  checkpoint.write_items(workdir, moe_cfg, convert.upcycle_items(dense_cfg, tensors, upcycler),
+                         tok, provenance, overwrite=config.overwrite)
+  result = {"upcycle_seconds": round(time.time() - t0, 2), "method": spec.method}
+  print(f"upcycled {source} -> {workdir} ({spec.method}, {spec.num_experts} experts, "
+        f"top-{spec.top_k}) in {result['upcycle_seconds']}s")
+  if config.eval_windows:
+    windows = eval_lib.make_windows(tok.encode(corpus.embedded_eval_text()), 512,
+                                    config.eval_windows, "pydoc_data.topics")
+    dense_model, _ = load.load_model(merge_sources[0] if merge_sources else source)
+    result["dense_ppl"] = eval_lib.perplexity(dense_model, windows)["ppl"]
+    del dense_model
+    result["upcycled_ppl"] = eval_lib.perplexity(checkpoint.load(workdir), windows)["ppl"]
+    checkpoint.write_json_atomic(os.path.join(workdir, "upcycle_eval.json"), result)
+    print(f"dense_ppl={result['dense_ppl']:.4f} upcycled_ppl={result['upcycled_ppl']:.4f} "
+          f"tokens={len(windows) * 511}")
+  return result
+
+
+def _merge_stream(dense_cfg, sources: list[str], moe_ids, base: int):
+  from moe_jax.convert import gguf, hf  # pylint: disable=g-import-not-at-top
+  from moe_jax.upcycle import convert  # pylint: disable=g-import-not-at-top
+  dicts, names = [], None
+  for i, src in enumerate(sources):
+    cfg = load.read_config(src)
+    if cfg.replace(arch=dense_cfg.arch) != dense_cfg:
+      raise ValueError(f"{src}: merge source {i} has a different architecture or shape "
+                       f"than {sources[0]}")
+    it = ((n, w) for n, w in gguf.iter_gguf_tensors(src)) if src.endswith(".gguf") else (
+        (n, w) for n, w, _ in hf.iter_safetensors(src))
+    d = dict(it)
+    dicts.append(d)
+    names = names or list(d)
+  return convert.merged_tensors(dense_cfg, set(moe_ids), dicts, names, base)

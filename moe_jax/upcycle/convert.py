@@ -66,6 +66,8 @@ class Upcycler:
   def layer(self, i: int, dense: methods.DenseFfn) -> dict[tuple, np.ndarray]:
     rng = np.random.default_rng([self.seed, i])
     experts = methods.METHODS[self.spec.method](dense, self.spec, rng)
+    if isinstance(dense, list):  # merge: one dense FFN per source model
+      dense = dense[0]
     d = dense.w_gate_DxF.shape[0]
     if self.routers is not None and i in self.routers:
       router = self.routers[i]
@@ -108,9 +110,12 @@ def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
       raise ValueError(f"{source}: tensor {name!r} is beyond the model's {dense_cfg.n_layers} layers")
     if key in moe_ids and sub[0] == "mlp":
       parts = ffn.setdefault(key, [None, None, None])
-      parts[_FFN[sub[1]]] = m.rule.to_ours(w)
+      parts[_FFN[sub[1]]] = [m.rule.to_ours(x) for x in w] if isinstance(w, list) else m.rule.to_ours(w)
       if all(p is not None for p in parts):
-        pending.setdefault(key, {}).update(upcycler.layer(key, methods.DenseFfn(*ffn.pop(key))))
+        parts = ffn.pop(key)
+        dense = ([methods.DenseFfn(*p) for p in zip(*parts)] if isinstance(parts[0], list)
+                 else methods.DenseFfn(*parts))
+        pending.setdefault(key, {}).update(upcycler.layer(key, dense))
     else:
       pending.setdefault(key, {})[sub] = np.asarray(m.rule.to_ours(w), np.float32)
     if key != "root" and set(pending[key]) >= expected[key]:
@@ -123,6 +128,20 @@ def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
             if layer is not None else f"{sorted(root_missing)[0]}")
     raise ValueError(f"{source}: incomplete checkpoint, missing {what}")
   yield "root", _nest(pending.pop("root"))
+
+
+def merged_tensors(dense_cfg: ModelConfig, moe_ids, sources: list[dict[str, np.ndarray]],
+                   names: list[str], base: int = -1) -> Iterator[tuple[str, Any, str]]:
+  """BTX/mergekit stream: MoE-layer FFN tensors as one list per name (expert i from
+  source i); every other tensor averaged over the sources (BTX) or taken from `base`."""
+  for name in names:
+    arrays = [src[name] for src in sources]
+    m = hf_names.match(dense_cfg, name)
+    is_ffn = m is not None and m.path[0] == "layers" and m.path[1] in moe_ids and m.path[2] == "mlp"
+    if is_ffn:
+      yield name, arrays, "merge"
+    else:
+      yield name, (np.mean(arrays, axis=0) if base < 0 else arrays[base]), "merge"
 
 
 def model_from_items(cfg: ModelConfig, items: Iterable[tuple[str, dict]]) -> llama.Transformer:

@@ -1,0 +1,17 @@
+"""Upcycle a dense checkpoint into an MoE checkpoint. See configs/upcycle.py."""
+from absl import app, flags
+from ml_collections import config_flags
+
+from moe_jax import runs
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/upcycle.py", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The output checkpoint directory.", required=True)
+
+
+def main(argv):
+  del argv
+  runs.main_guard(runs.upcycle, _CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
