@@ -42,7 +42,8 @@ def read_config(path: str, **overrides) -> ModelConfig:
 
 def load_model(path: str = "", mesh: jax.sharding.Mesh | None = None, **overrides
                ) -> tuple[llama.Transformer, tokenizer_lib.Tokenizer]:
-  """Model and tokenizer from `path` ('' = the embedded SmolLM2-135M-Instruct GGUF).
+  """Model and tokenizer (None if the checkpoint has none) from `path` ('' = the embedded
+  SmolLM2-135M-Instruct GGUF).
 
   `overrides` replace ModelConfig fields (e.g. dtype="bfloat16").
   """
@@ -56,7 +57,8 @@ def load_model(path: str = "", mesh: jax.sharding.Mesh | None = None, **override
         cfg, ((n, w, path) for n, w in gguf.iter_gguf_tensors(path)), mesh)
   else:
     model = assemble.model_from_tensors(cfg, hf.iter_safetensors(path), mesh)
-  return model, load_tokenizer(path)
+  has_tokenizer = kind == "gguf" or os.path.isfile(os.path.join(path, "tokenizer.json"))
+  return model, (load_tokenizer(path) if has_tokenizer else None)
 
 
 def load_tokenizer(path: str = "") -> tokenizer_lib.Tokenizer:
