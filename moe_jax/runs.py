@@ -148,7 +148,10 @@ def upcycle(config, workdir: str) -> dict:
   dense_cfg = load.read_config(merge_sources[0] if merge_sources else source)
   moe_cfg = convert.moe_model_config(dense_cfg, spec, config.layers, backend=config.backend)
   config_ids = moe_cfg.moe_layer_ids
-  tok = load.load_tokenizer(merge_sources[0] if merge_sources else source)
+  tok = _optional_tokenizer(merge_sources[0] if merge_sources else source)
+  if tok is None and (config.router_init in ("kmeans", "hidden") or config.eval_windows):
+    raise ValueError(f"{source}: no tokenizer.json, needed for router_init="
+                     f"{config.router_init} and evaluation (set --config.eval_windows=0)")
   routers = _routers(config, source, dense_cfg, spec, tok, config_ids)
   upcycler = convert.Upcycler(spec, moe_cfg, config.router_init, config.router_std, config.seed,
                               routers)
@@ -180,6 +183,12 @@ def upcycle(config, workdir: str) -> dict:
     print(f"dense_ppl={result['dense_ppl']:.4f} upcycled_ppl={result['upcycled_ppl']:.4f} "
           f"tokens={len(windows) * 511}")
   return result
+
+
+def _optional_tokenizer(path: str):
+  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+    return None
+  return load.load_tokenizer(path)
 
 
 def _merge_stream(dense_cfg, sources: list[str], moe_ids, base: int):

@@ -1,0 +1,94 @@
+"""Peak memory and time of the streaming upcycle on a synthetic dense checkpoint.
+
+  python -m experiments.bench_upcycle --workdir=/tmp/bench_upcycle   # ~1.1B params, 8 experts
+
+Writes a random Llama-shaped checkpoint (sharded safetensors, one shard per layer),
+upcycles it in a child process and reports that process's peak RSS
+(resource.getrusage(RUSAGE_CHILDREN).ru_maxrss) and wall time.
+"""
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+from safetensors.numpy import save_file
+
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_upcycle", "Scratch directory.")
+_D = flags.DEFINE_integer("d", 2048, "Model width.")
+_F = flags.DEFINE_integer("f", 5632, "FFN width.")
+_LAYERS = flags.DEFINE_integer("layers", 22, "Layers.")
+_VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary.")
+_EXPERTS = flags.DEFINE_integer("experts", 8, "Experts.")
+_METHOD = flags.DEFINE_string("method", "copy", "Upcycling method.")
+_KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoints afterwards.")
+
+
+def write_dense(path: str, d: int, f: int, layers: int, vocab: int) -> int:
+  """A random llama checkpoint, one safetensors shard per layer; returns its param count."""
+  os.makedirs(path, exist_ok=True)
+  heads, kv, hd = d // 64, max(1, d // 512), 64
+  rng = np.random.default_rng(0)
+  rand = lambda *s: (rng.standard_normal(s, np.float32) * 0.02)
+  weight_map, total = {}, 0
+  shards = [{"model.embed_tokens.weight": rand(vocab, d), "model.norm.weight": np.ones(d, np.float32),
+             "lm_head.weight": rand(vocab, d)}]
+  for i in range(layers):
+    p = f"model.layers.{i}."
+    shards.append({p + "self_attn.q_proj.weight": rand(heads * hd, d),
+                   p + "self_attn.k_proj.weight": rand(kv * hd, d),
+                   p + "self_attn.v_proj.weight": rand(kv * hd, d),
+                   p + "self_attn.o_proj.weight": rand(d, heads * hd),
+                   p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
+                   p + "mlp.down_proj.weight": rand(d, f),
+                   p + "input_layernorm.weight": np.ones(d, np.float32),
+                   p + "post_attention_layernorm.weight": np.ones(d, np.float32)})
+  for n, shard in enumerate(shards):
+    name = f"model-{n:05d}.safetensors"
+    save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    weight_map.update({k: name for k in shard})
+    total += sum(v.size for v in shard.values())
+    shards[n] = None
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+    json.dump({"weight_map": weight_map}, fh)
+  with open(os.path.join(path, "config.json"), "w") as fh:
+    json.dump({"model_type": "llama", "vocab_size": vocab, "hidden_size": d,
+               "intermediate_size": f, "num_hidden_layers": layers,
+               "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+               "tie_word_embeddings": False}, fh)
+  return total
+
+
+def main(argv):
+  del argv
+  root = os.path.abspath(_WORKDIR.value)
+  dense, moe = os.path.join(root, "dense"), os.path.join(root, "moe")
+  shutil.rmtree(root, ignore_errors=True)
+  # The dense checkpoint is written by a child too, so its memory is not counted below.
+  n = subprocess.run([sys.executable, "-c", (
+      "import sys; from experiments import bench_upcycle as b; "
+      f"print(b.write_dense({dense!r}, {_D.value}, {_F.value}, {_LAYERS.value}, {_VOCAB.value}))")],
+      check=True, capture_output=True, text=True).stdout.split()[-1]
+  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  t0 = time.time()
+  subprocess.run([sys.executable, "-m", "experiments.upcycle",
+                  f"--config=configs/upcycle.py:method={_METHOD.value},experts={_EXPERTS.value}",
+                  f"--workdir={moe}", f"--config.source={dense}", "--config.eval_windows=0"],
+                 check=True)
+  seconds = time.time() - t0
+  peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(moe) for f in fs)
+  print(f"dense_params={int(n)} experts={_EXPERTS.value} method={_METHOD.value}")
+  print(f"moe_checkpoint_bytes={size} seconds={seconds:.1f}")
+  print(f"peak_rss_gb={peak_kb / 2**20:.3f}" + ("" if peak_kb > before else " (child below writer)"))
+  if not _KEEP.value:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
