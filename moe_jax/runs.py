@@ -14,7 +14,8 @@ from moe_jax import evaluate as eval_lib
 from moe_jax.convert import load
 from moe_jax.data import corpus
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               FloatingPointError)
 
 
 def main_guard(fn: Callable, *args, **kwargs):
@@ -206,3 +207,86 @@ def _merge_stream(dense_cfg, sources: list[str], moe_ids, base: int):
     dicts.append(d)
     names = names or list(d)
   return convert.merged_tensors(dense_cfg, set(moe_ids), dicts, names, base)
+
+
+def _train_model(config, workdir: str, tok):
+  """The model to train: restored config if resuming, else built from `config.init`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from moe_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from moe_jax.models import llama  # pylint: disable=g-import-not-at-top
+  from moe_jax.upcycle import convert, methods  # pylint: disable=g-import-not-at-top
+  meta = os.path.join(workdir, "model_config.json")
+  if os.path.exists(meta):  # resuming: the checkpoint will overwrite every param
+    with open(meta) as f:
+      return llama.create(ModelConfig.from_dict(json.load(f)))
+  spec = None if config.upcycle.method == "none" else methods.UpcycleSpec(**config.upcycle)
+  moe_over = ml_collections.ConfigDict(config.moe).to_dict()
+  if config.init == "scratch":
+    dense_cfg = ModelConfig(vocab_size=tok.vocab_size, dtype=config.dtype, **config.scratch)
+    if spec is None:
+      return llama.create(dense_cfg, config.loop.seed)
+    return llama.create(convert.moe_model_config(dense_cfg, spec, config.layers, **moe_over),
+                        config.loop.seed)
+  kind = load.checkpoint_kind(config.init)
+  if kind == "moe_jax" or spec is None:
+    model, _ = load.load_model(config.init, dtype=config.dtype)
+    return model
+  dense, _ = load.load_model(config.init)
+  moe_cfg = convert.moe_model_config(dense.cfg, spec, config.layers, **moe_over)
+  upcycler = convert.Upcycler(spec, moe_cfg, config.router_init, config.router_std,
+                              config.loop.seed)
+  items = list(convert.upcycle_items(dense.cfg, convert.dense_tensors(dense), upcycler))
+  return convert.model_from_items(moe_cfg.replace(dtype=config.dtype), items)
+
+
+def _documents(config, tok):
+  """(train, eval) token documents for the configured source."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from moe_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  src = config.data.source
+  if src == "stdlib":
+    train_docs, eval_docs = corpus.stdlib_documents("train"), corpus.stdlib_documents("valid")
+  elif src.startswith("hf:"):
+    train_docs, eval_docs = corpus.hf_documents(src[3:], config.data.field)
+  else:
+    docs = corpus.read_documents(src, config.data.field)
+    cut = max(1, len(docs) // 20)
+    train_docs, eval_docs = docs[cut:] or docs, docs[:cut]
+  if config.data.max_docs:
+    train_docs = train_docs[: config.data.max_docs]
+  enc = lambda docs: pipeline.tokenize_documents(docs, tok.encode, tok.eos_id)
+  train, evals = enc(train_docs), enc(eval_docs)
+  if not train or sum(len(d) for d in train) <= config.loop.seq_len:
+    raise ValueError(f"config.data.source={src!r}: too little text for one row of "
+                     f"{config.loop.seq_len} tokens")
+  return train, evals or train[:1]
+
+
+def train(config, workdir: str) -> dict:
+  """Continued training of an upcycled or dense model; resumable from `workdir`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from moe_jax.train import loop as loop_lib, optim  # pylint: disable=g-import-not-at-top
+  loop_cfg = loop_lib.LoopConfig(**config.loop)
+  opt_cfg = optim.OptimConfig(**config.optim)
+  if loop_cfg.batch_size % jax.device_count():
+    raise ValueError(f"config.loop.batch_size={loop_cfg.batch_size} is not divisible by the "
+                     f"{jax.device_count()} devices")
+  if config.init not in ("", "scratch"):
+    load.checkpoint_kind(config.init)  # a missing or unknown checkpoint fails here
+  tok = load.load_tokenizer("" if config.init in ("", "scratch") else config.init)
+  max_len = (config.scratch.max_seq_len if config.init == "scratch"
+             else load.read_config(config.init).max_seq_len)
+  check_seq_len(loop_cfg.seq_len, max_len, "config.loop.seq_len")
+  train_docs, eval_docs = _documents(config, tok)
+  workdir = os.path.abspath(workdir)
+  model = _train_model(config, workdir, tok)
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.write_json_atomic(os.path.join(workdir, "model_config.json"), model.cfg.to_dict())
+  print(f"training {checkpoint.param_count(model) / 1e6:.1f}M params "
+        f"({len(model.cfg.moe_layer_ids)} MoE layers) for {loop_cfg.steps} steps")
+  last = loop_lib.train(model, train_docs, eval_docs, loop_cfg, opt_cfg, workdir,
+                        meta={"config": config.to_dict()})
+  checkpoint.write_json_atomic(os.path.join(workdir, "final.json"), last)
+  if "eval_loss" in last:
+    print(f"final eval_loss={last['eval_loss']:.4f} loss={last['loss']:.4f}")
+  return last

@@ -84,3 +84,16 @@ def read_documents(path: str, field: str = "text") -> list[str]:
   if path.endswith((".jsonl", ".json")):
     return read_jsonl(path, field)
   return [read_text_file(path)]
+
+
+def hf_documents(name: str, field: str = "text") -> tuple[list[str], list[str]]:
+  """(train, validation) texts of a Hugging Face dataset the user has locally."""
+  try:
+    import datasets  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(f"data.source=hf:{name}: the `datasets` package is not installed") from None
+  ds = datasets.load_dataset(name)
+  split = "validation" if "validation" in ds else "test" if "test" in ds else None
+  train = [r[field] for r in ds["train"]]
+  evals = [r[field] for r in ds[split]] if split else train[: max(1, len(train) // 20)]
+  return train, evals

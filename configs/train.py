@@ -1,0 +1,49 @@
+"""python -m experiments.train --config=configs/train.py:runlocal --workdir=/tmp/train
+
+Continued training of an upcycled (or dense) model. The starting point is `init`:
+'' (the embedded SmolLM2-135M-Instruct), an HF dir, a .gguf, a moe_jax checkpoint (e.g.
+experiments.upcycle's workdir), or 'scratch' (a small random model). With a dense start
+and method != none, the model is upcycled on the fly by the `upcycle` section.
+Arguments: method (none = dense | copy | virtual_group | partition | drop | noise),
+experts, topk, granularity, router, lr, steps, runlocal, scratch.
+"""
+import ml_collections
+
+from moe_jax.config_util import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = parse_arg(arg, method="copy", experts=8, topk=2, granularity=1, router="topk_softmax",
+                lr=1e-4, steps=200, runlocal=False, scratch=False)
+  c = ml_collections.ConfigDict()
+  c.init = "scratch" if a.scratch else ""
+  c.scratch = ml_collections.ConfigDict(dict(
+      d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+      max_seq_len=1024))
+  c.upcycle = ml_collections.ConfigDict(dict(
+      method=a.method, num_experts=a.experts, top_k=a.topk, granularity=a.granularity,
+      router=a.router, norm_topk_prob=False, partition="random", output_scale=0.0,
+      drop_ratio=0.5, drop_shared_indices=False, noise_std=0.02, shared_expert=False))
+  c.layers = "all"                 # which layers become MoE
+  c.router_init = "normal"
+  c.router_std = 0.02
+  c.moe = ml_collections.ConfigDict(dict(backend="dropless", capacity_factor=1.0,
+                                         aux_loss_coeff=1e-2, z_loss_coeff=1e-3, jitter=0.0))
+  c.dtype = "float32"
+  c.data = ml_collections.ConfigDict(dict(source="stdlib", field="text", max_docs=0))
+  c.loop = ml_collections.ConfigDict(dict(
+      steps=a.steps, batch_size=8, seq_len=512, seed=0, log_every=10, eval_every=50,
+      eval_batches=4, ckpt_every=50, keep=2, inject_nan_at_step=-1))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=a.lr, schedule="cosine", warmup_steps=10, total_steps=a.steps, decay_fraction=0.2,
+      final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+      router_lr_mult=1.0))
+  if a.runlocal:  # minutes on a 2-core CPU: 3 MoE layers of 4 experts, short sequences
+    c.upcycle.num_experts = min(a.experts, 4)
+    c.upcycle.top_k = min(a.topk, c.upcycle.num_experts)
+    c.layers = "all" if a.scratch else "every:10"
+    c.data.max_docs = 100
+    c.loop.update(steps=min(a.steps, 20), batch_size=4, seq_len=128, log_every=5,
+                  eval_every=10, eval_batches=2, ckpt_every=10)
+    c.optim.update(total_steps=c.loop.steps, warmup_steps=2)
+  return c

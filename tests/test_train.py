@@ -1,0 +1,105 @@
+"""Training binary: exact resume after SIGKILL, SIGTERM checkpointing, NaN stop, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["--config=configs/train.py:scratch,runlocal,lr=0.003", "--config.data.max_docs=20",
+        "--config.loop.seq_len=64", "--config.loop.log_every=1", "--config.loop.ckpt_every=4",
+        "--config.loop.eval_every=100", "--config.loop.eval_batches=1"]
+
+
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *BASE, *extra]
+
+
+def _losses(workdir):
+  """step -> loss, the last logged value winning (a resumed run re-logs its steps)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      out[row["step"]] = row["loss"]
+  return out
+
+
+def _steps(workdir):
+  ckpt = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout=300):
+  t0 = time.time()
+  while step not in _steps(workdir):
+    assert proc.poll() is None, proc.stderr.read()
+    assert time.time() - t0 < timeout
+    time.sleep(0.2)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+  steps = "--config.loop.steps=12"
+  ref = tmp_path / "ref"
+  subprocess.run(_cmd(ref, steps), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_cmd(killed, steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(proc, killed, 4)
+  proc.kill()
+  proc.wait()
+  assert max(_steps(killed)) < 12
+  subprocess.run(_cmd(killed, steps), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+  want, got = _losses(ref), _losses(killed)
+  assert sorted(want) == sorted(got) == list(range(1, 13))
+  assert got == want  # float32 on CPU: bitwise the same losses
+
+
+def test_sigterm_saves_the_current_step(tmp_path):
+  work = tmp_path / "run"
+  proc = subprocess.Popen(_cmd(work, "--config.loop.steps=400"), cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(proc, work, 4)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  stopped = max(_losses(work))
+  assert max(_steps(work)) == stopped and stopped < 400
+  resumed = subprocess.run(_cmd(work, f"--config.loop.steps={stopped + 1}"), cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr
+  assert max(_losses(work)) == stopped + 1
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+  work = tmp_path / "run"
+  r = subprocess.run(_cmd(work, "--config.loop.steps=12", "--config.loop.inject_nan_at_step=5"),
+                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 1
+  assert "step 6: loss is nan; stopped. Last good checkpoint: 4" in r.stderr
+  assert _steps(work) == [4]
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--config.init=/no/such/ckpt"], "/no/such/ckpt: checkpoint not found"),
+    (["--config.loop.seq_len=4096"], "config.loop.seq_len=4096: above the model's limit"),
+    (["--config.optim.schedule=linear"], "optim.schedule='linear'"),
+])
+def test_bad_config_fails_before_compute(tmp_path, extra, msg):
+  r = subprocess.run(_cmd(tmp_path / "run", *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode != 0 and msg in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_is_refused(tmp_path):
+  r = subprocess.run(_cmd(tmp_path / "run", "--config.loop.stepz=3"), cwd=ROOT, env=ENV,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "stepz" in r.stderr
+  assert not (tmp_path / "run").exists()
