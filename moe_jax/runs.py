@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -69,14 +70,34 @@ def evaluate(config, workdir: str) -> dict:
   return result
 
 
-def demo(workdir: str, max_windows: int = 32) -> dict:
-  """The main job at this stage: the embedded model's perplexity and a completion."""
+def demo(workdir: str, max_windows: int = 8, train_steps: int = 16) -> dict:
+  """The main job on the embedded defaults: SmolLM2-135M-Instruct's perplexity and a
+  completion; its upcycling into 8 experts top-2 (dense vs upcycled perplexity); then a
+  short continued training of an upcycled model next to the dense one on the same tokens."""
   from configs import evaluate as eval_config  # pylint: disable=g-import-not-at-top
+  from configs import train as train_config  # pylint: disable=g-import-not-at-top
+  from configs import upcycle as upcycle_config  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  print("== 1/3 dense SmolLM2-135M-Instruct (embedded GGUF) on pydoc_data.topics")
   config = eval_config.get_config()
   config.max_windows = max_windows
   config.prompt = "The three most useful Python built-in functions are"
-  print("moe_jax demo: SmolLM2-135M-Instruct (embedded GGUF) on pydoc_data.topics")
-  return evaluate(config, os.path.join(workdir, "dense_eval"))
+  dense = evaluate(config, os.path.join(workdir, "dense_eval"))
+  print("== 2/3 upcycle: copy into 8 experts, top-2, every layer (streamed to disk)")
+  config = upcycle_config.get_config("method=copy,experts=8,topk=2")
+  config.eval_windows, config.overwrite = max_windows, True
+  up = upcycle(config, os.path.join(workdir, "moe_8x_top2"))
+  print(f"== 3/3 continued training, {train_steps} steps on the same stdlib tokens: "
+        "MoE (4 experts top-2 in layers 9/19/29, upcycled on the fly) vs dense")
+  losses = {}
+  for name, arg in (("moe", "method=copy"), ("dense", "method=none")):
+    config = train_config.get_config(f"runlocal,{arg},steps={train_steps}")
+    run_dir = os.path.join(workdir, f"train_{name}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    losses[name] = train(config, run_dir)["eval_loss"]
+  print(f"dense_ppl={dense['ppl']:.4f} upcycled_ppl={up['upcycled_ppl']:.4f} "
+        f"moe_eval_loss={losses['moe']:.4f} dense_eval_loss={losses['dense']:.4f}")
+  return {"dense": dense, "upcycle": up, "train": losses}
 
 
 def _sha256(path: str) -> str:

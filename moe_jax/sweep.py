@@ -1,0 +1,91 @@
+"""Sweeps: a config module's `sweep()` yields overrides; each run gets its own directory,
+finished runs are skipped on restart, and the results go to CSV, markdown and PNG."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import ml_collections
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+  return ",".join(f"{k}={v}" for k, v in overrides.items()).replace("/", "_") or "base"
+
+
+def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted-key overrides; an unknown key is a one-line error."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    node, *path = key.split(".")
+    target = config
+    for part in [node, *path][:-1]:
+      if part not in target:
+        raise ValueError(f"sweep override {key!r}: unknown config key {part!r}")
+      target = target[part]
+    if ([node, *path][-1]) not in target:
+      raise ValueError(f"sweep override {key!r}: unknown config key")
+    target[[node, *path][-1]] = value
+  return config
+
+
+def run_sweep(base: ml_collections.ConfigDict, sweep: Iterable[dict[str, Any]], workdir: str,
+              train_fn: Callable) -> list[dict[str, Any]]:
+  """Runs every override set not finished yet; returns one row per run."""
+  rows = []
+  for overrides in sweep:
+    run_dir = os.path.join(workdir, run_name(overrides))
+    final = os.path.join(run_dir, "final.json")
+    if os.path.exists(final):
+      print(f"skip (finished): {run_name(overrides)}")
+    else:
+      print(f"run: {run_name(overrides)}")
+      train_fn(apply(base, overrides), run_dir)
+    with open(final) as f:
+      result = json.load(f)
+    rows.append({**overrides, "eval_loss": result.get("eval_loss"), "loss": result.get("loss"),
+                 "run": run_name(overrides)})
+  return rows
+
+
+def write_results(rows: list[dict[str, Any]], workdir: str, title: str) -> list[str]:
+  """results.csv, results.md and one PNG per swept key (final eval loss vs its value)."""
+  keys = list(dict.fromkeys(k for r in rows for k in r))
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, keys)
+    w.writeheader()
+    w.writerows(rows)
+  lines = [f"# {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return _plots(rows, keys, workdir, title)
+
+
+def _fmt(v) -> str:
+  return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _plots(rows, keys, workdir, title) -> list[str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  swept = [k for k in keys if k not in ("eval_loss", "loss", "run")
+           and len({str(r.get(k)) for r in rows}) > 1]
+  paths = []
+  for key in swept or ["run"]:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [str(r.get(key)) for r in rows]
+    ax.plot(range(len(rows)), [r["eval_loss"] for r in rows], "o-")
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel(key)
+    ax.set_ylabel("final eval loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = os.path.join(workdir, f"eval_loss_vs_{key.replace('.', '_')}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+  return paths
