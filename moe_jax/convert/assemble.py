@@ -28,12 +28,7 @@ def model_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray
   partial: dict = {}  # path -> (buffer, set of expert indices seen)
   source = "checkpoint"
   for name, w, source in tensors:
-    if cfg.tie_embeddings and name == "lm_head.weight":
-      continue  # some tied checkpoints store the head anyway
-    try:
-      m = hf_names.match(cfg, name)
-    except KeyError:
-      raise ValueError(f"{source}: unexpected tensor {name!r} for a {cfg.arch} model") from None
+    m = hf_names.match_stream(cfg, name, source)
     if m is None:
       continue
     var = targets.get(m.path)

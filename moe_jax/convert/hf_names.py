@@ -106,6 +106,17 @@ def match(cfg: ModelConfig, name: str) -> Match | None:
   raise KeyError(name)
 
 
+def match_stream(cfg: ModelConfig, name: str, source: str) -> Match | None:
+  """`match` for a checkpoint being read: None also for a tied model's stored head; an
+  unknown name is a one-line ValueError naming the file."""
+  if cfg.tie_embeddings and name == "lm_head.weight":
+    return None  # some tied checkpoints store the head anyway
+  try:
+    return match(cfg, name)
+  except KeyError:
+    raise ValueError(f"{source}: unexpected tensor {name!r} for a {cfg.arch} model") from None
+
+
 def _rule_for(cfg: ModelConfig, path: Path, expert: bool) -> tuple[Rule, int | None]:
   layer, sub = (path[1], path[2:]) if path[0] == "layers" else (None, path)
   for rule in _rules(cfg):

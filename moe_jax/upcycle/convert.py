@@ -97,12 +97,7 @@ def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
   ffn: dict[int, list] = {}
   source = "checkpoint"
   for name, w, source in tensors:
-    if dense_cfg.tie_embeddings and name == "lm_head.weight":
-      continue
-    try:
-      m = hf_names.match(dense_cfg, name)
-    except KeyError:
-      raise ValueError(f"{source}: unexpected tensor {name!r} for a {dense_cfg.arch} model") from None
+    m = hf_names.match_stream(dense_cfg, name, source)
     if m is None:
       continue
     key, sub = (m.path[1], m.path[2:]) if m.path[0] == "layers" else ("root", m.path)
