@@ -7,6 +7,8 @@ line printed is `ratio=<median MoE time / median dense time>`.
 """
 from absl import app, flags
 
+from moe_jax import runs
+
 from moe_jax import bench
 
 _T = flags.DEFINE_integer("T", 8192, "Tokens.")
@@ -28,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runs.parse_flags)

@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 from absl import app, flags
+
+from moe_jax import runs
 from safetensors.numpy import save_file
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_upcycle", "Scratch directory.")
@@ -91,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runs.parse_flags)

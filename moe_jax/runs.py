@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -17,6 +18,18 @@ from moe_jax.data import corpus
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
                FloatingPointError)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing for the binaries (app.run(..., flags_parser=parse_flags)): a bad
+  flag or config override (e.g. an unknown --config key) is one line and exit status 1."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # absl and ml_collections raise assorted types
+    msg = " ".join(re.sub(r"\\n|[\\'\"]", " ", str(e)).split())
+    print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
+    sys.exit(1)
 
 
 def main_guard(fn: Callable, *args, **kwargs):

@@ -101,5 +101,6 @@ def test_bad_config_fails_before_compute(tmp_path, extra, msg):
 def test_unknown_key_is_refused(tmp_path):
   r = subprocess.run(_cmd(tmp_path / "run", "--config.loop.stepz=3"), cwd=ROOT, env=ENV,
                      capture_output=True, text=True, timeout=300)
-  assert r.returncode != 0 and "stepz" in r.stderr
+  assert r.returncode == 1 and "stepz Did you mean steps" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "run").exists()
