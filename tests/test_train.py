@@ -104,3 +104,11 @@ def test_unknown_key_is_refused(tmp_path):
   assert r.returncode == 1 and "stepz Did you mean steps" in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "run").exists()
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  r = subprocess.run(_cmd(tmp_path / "run", "--config.loop.batch_size=6"), cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1 and "config.loop.batch_size=6 is not divisible by the 8 devices" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
