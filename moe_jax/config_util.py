@@ -13,11 +13,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """
   out = dict(defaults)
   for item in filter(None, (s.strip() for s in (arg or "").split(","))):
-    key, _, value = item.partition("=")
+    key, sep, value = item.partition("=")
     if key not in defaults:
       raise ValueError(f"config argument {key!r}: unknown; expected one of {sorted(defaults)}")
     kind = type(defaults[key])
-    if not _:
+    if not sep:
       if kind is not bool:
         raise ValueError(f"config argument {key!r}: needs a value ({key}=...)")
       out[key] = True

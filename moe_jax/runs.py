@@ -34,7 +34,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main_guard(fn: Callable, *args, **kwargs):
   """Runs `fn`; a user error becomes one line on stderr and exit status 1."""
-  if logging.get_verbosity() == logging.INFO:  # orbax is chatty at INFO; -v 0 brings it back
+  if logging.get_verbosity() == logging.INFO:  # orbax logs every file at INFO; keep warnings
     logging.set_verbosity(logging.WARNING)
   try:
     return fn(*args, **kwargs)
