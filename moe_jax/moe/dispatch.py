@@ -140,41 +140,39 @@ def _block_ffn_fwd(x_MxD, w_M, w_gate, w_up, w_down, block_expert, n_blocks, blo
   m, f, d = x_MxD.shape[0], w_gate.shape[-1], w_down.shape[-1]
 
   def body(b, carry):
-    y, out, gate, up = carry
+    y, gate, up = carry
     xb, e = _rows(x_MxD, b, block), block_expert[b]
     g, u = xb @ w_gate[e], xb @ w_up[e]
-    ob = (jax.nn.silu(g) * u) @ w_down[e]
-    yb = ob * _rows(w_M, b, block)[:, None]
-    return (_put(y, yb, b, block), _put(out, ob, b, block), _put(gate, g, b, block),
-            _put(up, u, b, block))
+    yb = ((jax.nn.silu(g) * u) @ w_down[e]) * _rows(w_M, b, block)[:, None]
+    return _put(y, yb, b, block), _put(gate, g, b, block), _put(up, u, b, block)
 
   zeros = lambda cols: jnp.zeros((m, cols), x_MxD.dtype)
-  return jax.lax.fori_loop(0, n_blocks, body, (zeros(d), zeros(d), zeros(f), zeros(f)))
+  return jax.lax.fori_loop(0, n_blocks, body, (zeros(d), zeros(f), zeros(f)))
 
 
-def _block_ffn_bwd(x_MxD, w_M, out_MxD, gate_MxF, up_MxF, dy_MxD, w_gate, w_up, w_down,
+def _block_ffn_bwd(x_MxD, w_M, gate_MxF, up_MxF, dy_MxD, w_gate, w_up, w_down,
                    block_expert, n_blocks, block):
   def body(b, carry):
-    dx, dwg, dwu, dwd = carry
+    dx, dw, dwg, dwu, dwd = carry
     xb, g, u, dy = (_rows(a, b, block) for a in (x_MxD, gate_MxF, up_MxF, dy_MxD))
-    e = block_expert[b]
-    dy = dy * _rows(w_M, b, block)[:, None]
+    e, wb = block_expert[b], _rows(w_M, b, block)[:, None]
     sig = jax.nn.sigmoid(g)
     silu = g * sig
-    dh = dy @ w_down[e].T
+    h = silu * u
+    dh_unweighted = dy @ w_down[e].T
+    # d(routing weight) = <dy, h Wd> = <dy Wd^T, h>: no stored expert outputs needed.
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, jnp.sum(dh_unweighted * h, axis=-1), b * block, 0)
+    dh = dh_unweighted * wb
     dg = dh * u * sig * (1 + g * (1 - sig))
     du = dh * silu
-    dwd = dwd.at[e].add((silu * u).T @ dy)
+    dwd = dwd.at[e].add(h.T @ (dy * wb))
     dwg = dwg.at[e].add(xb.T @ dg)
     dwu = dwu.at[e].add(xb.T @ du)
-    return _put(dx, dg @ w_gate[e].T + du @ w_up[e].T, b, block), dwg, dwu, dwd
+    return _put(dx, dg @ w_gate[e].T + du @ w_up[e].T, b, block), dw, dwg, dwu, dwd
 
-  init = (jnp.zeros_like(x_MxD), jnp.zeros_like(w_gate), jnp.zeros_like(w_up),
-          jnp.zeros_like(w_down))
-  dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_blocks, body, init)
-  # The routing weights' gradient in one vectorised pass (rows past n_blocks are zero).
-  dw = jnp.sum(out_MxD * dy_MxD, axis=-1)
-  return dx, dw, dwg, dwu, dwd
+  init = (jnp.zeros_like(x_MxD), jnp.zeros_like(w_M), jnp.zeros_like(w_gate),
+          jnp.zeros_like(w_up), jnp.zeros_like(w_down))
+  return jax.lax.fori_loop(0, n_blocks, body, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -186,13 +184,13 @@ def block_ffn(x_MxD, w_M, w_gate, w_up, w_down, block_expert, n_blocks, block: i
 
 
 def _block_ffn_vjp_fwd(x, w_m, wg, wu, wd, block_expert, n_blocks, block):
-  y, out, gate, up = _block_ffn_fwd(x, w_m, wg, wu, wd, block_expert, n_blocks, block)
-  return y, (x, w_m, out, gate, up, wg, wu, wd, block_expert, n_blocks)
+  y, gate, up = _block_ffn_fwd(x, w_m, wg, wu, wd, block_expert, n_blocks, block)
+  return y, (x, w_m, gate, up, wg, wu, wd, block_expert, n_blocks)
 
 
 def _block_ffn_vjp_bwd(block, res, dy):
-  x, w_m, out, gate, up, wg, wu, wd, block_expert, n_blocks = res
-  grads = _block_ffn_bwd(x, w_m, out, gate, up, dy, wg, wu, wd, block_expert, n_blocks, block)
+  x, w_m, gate, up, wg, wu, wd, block_expert, n_blocks = res
+  grads = _block_ffn_bwd(x, w_m, gate, up, dy, wg, wu, wd, block_expert, n_blocks, block)
   return (*grads, None, None)
 
 
