@@ -1,9 +1,23 @@
 """Upcycling methods as pure numpy functions on one layer's FFN, in a registry.
 
-A dense SwiGLU FFN is y = (silu(x Wg) * (x Wu)) Wd with Wg, Wu [D, F] and Wd [F, D].
-Each method returns stacked experts [E, D, Fe] / [E, Fe, D] and `router_repeat`:
-router column r is shared by experts r*repeat .. r*repeat+repeat-1. Formulas and
-references: ../shared/METHODS.md.
+A dense SwiGLU FFN is y = (silu(x Wg) * (x Wu)) Wd with Wg, Wu [D, F] and Wd [F, D]
+(`DenseFfn`). A method turns it into stacked experts (`ExpertFfn`): Wg, Wu [E, D, Fe] and
+Wd [E, Fe, D], `router_repeat` (experts e with equal e // router_repeat share one router
+column) and, with `spec.shared_expert`, the dense FFN as an always-on shared expert:
+
+    experts = METHODS[spec.method](dense, spec, rng)   # merge: `dense` is a list of FFNs
+
+Methods leave `router_DxE` None: router_init.init_router draws or computes the router.
+
+Scales. Let w0 be each chosen expert's routing weight under a uniform (zero) router:
+1/k when the chosen weights sum to 1 (topk_softmax, sigmoid_bias, renormalised
+softmax_topk) and 1/E for softmax_topk without renormalisation (`uniform_weight`). A
+method that wants the PLAIN SUM of the k chosen experts scaled by s multiplies the down
+projections by s / w0. Scaling Wd alone is exact for any activation (SiLU is not
+homogeneous, so splitting s over gate, up and down as Megatron does is not). Router
+scaling factors (MoeConfig.topk_scaling_factor) are taken to be 1.
+
+Formulas and references: ../shared/METHODS.md.
 """
 from __future__ import annotations
 
@@ -13,7 +27,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from moe_jax.upcycle import router_init
+
 ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid_bias")
+PARTITIONS = ("random", "kmeans")
 
 
 class DenseFfn(NamedTuple):
@@ -23,52 +40,81 @@ class DenseFfn(NamedTuple):
 
 
 class ExpertFfn(NamedTuple):
-  w_gate_ExDxF: np.ndarray
-  w_up_ExDxF: np.ndarray
-  w_down_ExFxD: np.ndarray
-  router_repeat: int = 1
+  w_gate_ExDxFe: np.ndarray
+  w_up_ExDxFe: np.ndarray
+  w_down_ExFexD: np.ndarray
+  router_DxE: np.ndarray | None = None   # None: router_init decides
+  shared: DenseFfn | None = None         # always-on shared expert (spec.shared_expert)
+  router_repeat: int = 1                 # expert e uses router column e // router_repeat
+
+  # Older names, still read by convert.py.
+  @property
+  def w_gate_ExDxF(self) -> np.ndarray:
+    return self.w_gate_ExDxFe
+
+  @property
+  def w_up_ExDxF(self) -> np.ndarray:
+    return self.w_up_ExDxFe
+
+  @property
+  def w_down_ExFxD(self) -> np.ndarray:
+    return self.w_down_ExFexD
 
 
 @dataclasses.dataclass(frozen=True)
 class UpcycleSpec:
+  """How one layer's dense FFN becomes experts (the config's `upcycle` section)."""
   method: str
-  num_experts: int
-  top_k: int
-  granularity: int = 1
-  router: str = "topk_softmax"
-  norm_topk_prob: bool = False
+  num_experts: int                   # E
+  top_k: int                         # T (k): experts per token
+  granularity: int = 1               # virtual_group: G shards per FFN
+  router: str = "topk_softmax"       # the routing order the scales are computed for
   partition: str = "random"          # partition: random | kmeans
-  output_scale: float = 0.0          # partition: multiplier on the sum of the k chosen experts (0 = E/k)
-  drop_ratio: float = 0.5
+  output_scale: float | None = None  # partition: scale s on the plain sum of the k chosen
+                                     # experts; None (or 0, as configs write it) = E/k
+  drop_ratio: float = 0.5            # drop: fraction r of neurons re-initialised per expert
   drop_shared_indices: bool = False  # drop: one index set for gate, up and down
-  noise_std: float = 0.02
-  shared_expert: bool = False        # add the dense FFN as an (ungated) shared expert
+  noise_std: float = 0.02            # noise: std of the Gaussian added to every weight
+  shared_expert: bool = False        # also return the dense FFN as a shared expert
+  norm_topk_prob: bool = False       # softmax_topk: the kept probabilities are renormalised
 
   def validate(self, ffn_dim: int) -> None:
+    """Raises ValueError, one line naming the key, for a spec that cannot apply."""
     e, g, k = self.num_experts, self.granularity, self.top_k
     if self.method not in METHODS:
       raise ValueError(f"upcycle.method={self.method!r}: expected one of {sorted(METHODS)}")
     if self.router not in ROUTERS:
-      raise ValueError(f"upcycle.router={self.router!r}: expected one of {ROUTERS}")
-    if not 1 <= k <= e:
-      raise ValueError(f"upcycle.topk={k}: expected 1 <= topk <= experts={e}")
+      raise ValueError(f"upcycle.router={self.router!r}: expected one of {list(ROUTERS)}")
+    if not isinstance(e, int) or e < 1:
+      raise ValueError(f"upcycle.num_experts={e!r}: expected a positive integer")
+    if not isinstance(k, int) or not 1 <= k <= e:
+      raise ValueError(f"upcycle.topk={k!r}: expected 1 <= topk <= num_experts={e}")
+    if not isinstance(g, int) or g < 1:
+      raise ValueError(f"upcycle.granularity={g!r}: expected a positive integer")
     if self.method == "virtual_group":
-      if g < 1 or ffn_dim % g:
+      if ffn_dim % g:
         raise ValueError(f"upcycle.granularity={g} does not divide ffn_dim={ffn_dim}")
       if e % g:
-        raise ValueError(f"upcycle.experts={e} is not a multiple of granularity={g}")
+        raise ValueError(f"upcycle.num_experts={e} is not a multiple of granularity={g}")
       if k % g:
         raise ValueError(f"upcycle.topk={k} is not a multiple of granularity={g}")
     elif g != 1:
       raise ValueError(f"upcycle.granularity={g}: only method 'virtual_group' splits experts")
-    if self.method == "partition" and ffn_dim % e:
-      raise ValueError(f"upcycle.experts={e} does not divide ffn_dim={ffn_dim} (partition)")
-    if self.method == "partition" and self.partition not in ("random", "kmeans"):
-      raise ValueError(f"upcycle.partition={self.partition!r}: expected random or kmeans")
+    if self.method == "partition":
+      if self.partition not in PARTITIONS:
+        raise ValueError(f"upcycle.partition={self.partition!r}: expected one of "
+                         f"{list(PARTITIONS)}")
+      if ffn_dim % e:
+        raise ValueError(f"upcycle.num_experts={e} does not divide ffn_dim={ffn_dim} (partition)")
+    if self.output_scale is not None and not self.output_scale >= 0:
+      raise ValueError(f"upcycle.output_scale={self.output_scale}: expected >= 0 (0 or None = E/k)")
     if not 0.0 <= self.drop_ratio <= 1.0:
       raise ValueError(f"upcycle.drop_ratio={self.drop_ratio}: expected a value in [0, 1]")
+    if not self.noise_std >= 0:
+      raise ValueError(f"upcycle.noise_std={self.noise_std}: expected >= 0")
 
   def expert_dim(self, ffn_dim: int) -> int:
+    """Fe, each expert's SwiGLU width."""
     if self.method == "virtual_group":
       return ffn_dim // self.granularity
     if self.method == "partition":
@@ -76,133 +122,167 @@ class UpcycleSpec:
     return ffn_dim
 
   def uniform_weight(self) -> float:
-    """Each chosen expert's routing weight under a uniform (zero) router."""
+    """w0: each chosen expert's routing weight under a uniform (zero) router."""
     if self.router == "softmax_topk" and not self.norm_topk_prob:
       return 1.0 / self.num_experts
     return 1.0 / self.top_k
 
 
-def _stack(dense: DenseFfn, e: int) -> ExpertFfn:
-  return ExpertFfn(*(np.repeat(w[None], e, axis=0) for w in dense))
+def _ffn_dim(dense: DenseFfn) -> int:
+  return dense.w_gate_DxF.shape[1]
+
+
+def _experts(gate, up, down, dense: DenseFfn, spec: UpcycleSpec, repeat: int = 1) -> ExpertFfn:
+  return ExpertFfn(gate, up, down, None, dense if spec.shared_expert else None, repeat)
+
+
+def _stack(w: np.ndarray, e: int) -> np.ndarray:
+  return np.repeat(w[None], e, axis=0)
 
 
 def copy(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> ExpertFfn:
-  """Sparse upcycling: every expert is the dense FFN."""
+  """Sparse upcycling: every expert is the dense FFN. Exact at step 0 when the chosen
+  weights sum to 1; for softmax_topk without renormalisation use virtual_group with
+  G = 1, which adds the E/k scale."""
   del rng
-  return _stack(dense, spec.num_experts)
+  spec.validate(_ffn_dim(dense))
+  e = spec.num_experts
+  return _experts(*(_stack(w, e) for w in dense), dense, spec)
 
 
 def virtual_group(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> ExpertFfn:
-  """Fine-grained experts: G contiguous neuron shards, expert e gets shard e mod G, the G
-  experts of a group share a router column; scale on the down projection only (exact for
-  SwiGLU): a = G when the chosen weights sum to 1, a = E*G/T for softmax-then-topK."""
+  """Fine-grained experts (He et al. 2024): G contiguous shards of F/G neurons (gate/up
+  columns with the matching down rows); expert e gets shard e mod G and router column
+  e div G, so a group's G experts always score the same and, with T a multiple of G, are
+  chosen together. The k chosen experts are k/G whole copies of the FFN, so their plain
+  sum needs G/k: down carries a = G/(k w0), i.e. G for weights summing to 1 and E*G/T
+  for softmax_topk (exact there only for a uniform router)."""
   del rng
+  spec.validate(_ffn_dim(dense))
   e, g = spec.num_experts, spec.granularity
-  f = dense.w_gate_DxF.shape[1]
-  fs = f // g
-  shard = lambda s: slice(s * fs, (s + 1) * fs)
-  scale = g if spec.uniform_weight() == 1.0 / spec.top_k else e * g / spec.top_k
-  return ExpertFfn(
-      np.stack([dense.w_gate_DxF[:, shard(i % g)] for i in range(e)]),
-      np.stack([dense.w_up_DxF[:, shard(i % g)] for i in range(e)]),
-      np.stack([dense.w_down_FxD[shard(i % g)] * scale for i in range(e)]),
-      router_repeat=g)
+  fs = _ffn_dim(dense) // g
+  shard = [slice((i % g) * fs, (i % g + 1) * fs) for i in range(e)]
+  a = np.asarray(g / (spec.top_k * spec.uniform_weight()), dense.w_down_FxD.dtype)
+  return _experts(np.stack([dense.w_gate_DxF[:, s] for s in shard]),
+                  np.stack([dense.w_up_DxF[:, s] for s in shard]),
+                  np.stack([dense.w_down_FxD[s] for s in shard]) * a, dense, spec, repeat=g)
 
 
 def balanced_kmeans(points_NxD: np.ndarray, k: int, rng: np.random.Generator,
-                    iters: int = 20) -> np.ndarray:
-  """Cluster labels [N] with exactly N/k points per cluster: Lloyd's k-means, then a
-  greedy balanced assignment (closest pairs first, each cluster capped at N/k)."""
+                    iters: int = 25) -> np.ndarray:
+  """Labels [N] with exactly N/k points per cluster: k-means whose assignment step is a
+  greedy balanced assignment (router_init.kmeans with capacity N/k)."""
   n = points_NxD.shape[0]
-  cap = n // k
-  centers = points_NxD[rng.choice(n, k, replace=False)]
-  labels = np.zeros(n, np.int64)
-  for _ in range(iters):
-    dist = ((points_NxD[:, None] - centers[None]) ** 2).sum(-1)
-    labels = _balanced_assign(dist, cap)
-    centers = np.stack([points_NxD[labels == c].mean(0) for c in range(k)])
-  return labels
+  if n % k:
+    raise ValueError(f"balanced_kmeans: {n} points do not split into {k} equal clusters")
+  return router_init.kmeans(points_NxD, k, rng, iters=iters, capacity=n // k)[1]
 
 
-def _balanced_assign(dist_NxK: np.ndarray, cap: int) -> np.ndarray:
-  n, k = dist_NxK.shape
-  labels = -np.ones(n, np.int64)
-  room = np.full(k, cap)
-  for flat in np.argsort(dist_NxK, axis=None, kind="stable"):
-    i, c = divmod(int(flat), k)
-    if labels[i] < 0 and room[c] > 0:
-      labels[i], room[c] = c, room[c] - 1
-  return labels
-
-
-def partition_sets(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> list[np.ndarray]:
-  """E disjoint neuron index sets of F/E each (random, or balanced k-means)."""
-  f, e = dense.w_gate_DxF.shape[1], spec.num_experts
+def partition_sets(dense: DenseFfn, spec: UpcycleSpec,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+  """E disjoint sorted neuron index sets of F/E each, covering all F neurons: a random
+  permutation, or balanced k-means on the L2-normalised concatenated gate/up rows."""
+  f, e = _ffn_dim(dense), spec.num_experts
   if spec.partition == "random":
     return [np.sort(s) for s in np.split(rng.permutation(f), e)]
-  rows = np.concatenate([dense.w_gate_DxF.T, dense.w_up_DxF.T], axis=1)
-  rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+  rows = np.concatenate([dense.w_gate_DxF.T, dense.w_up_DxF.T], axis=1).astype(np.float32)
+  rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
   labels = balanced_kmeans(rows, e, rng)
   return [np.flatnonzero(labels == c) for c in range(e)]
 
 
 def partition(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> ExpertFfn:
-  """LLaMA-MoE neuron partitioning. The k chosen experts' plain sum is scaled by
-  `output_scale` (default E/k); as router weights are uniform_weight() each, the down
-  projections carry output_scale / uniform_weight. With k = E and a uniform router the
-  dense FFN is reproduced exactly (the E partitions sum to it)."""
+  """LLaMA-MoE neuron partitioning: expert c holds the neurons of set c, no neuron twice.
+
+  The scale s (`output_scale`, default E/k) multiplies the PLAIN SUM of the k chosen
+  experts, so down carries s / w0 (see the module docstring). Why not E/k on the routing
+  weights, as LLaMA-MoE's score_scale_factor reads: the E partitions sum to the dense FFN,
+  and under a zero router with k = E every weight is 1/E, so E/k = 1 on the weights gives
+  dense/E. Defined on the plain sum, E/k is exact at k = E for every router order (down
+  carries E for weights summing to 1, E^2/k for softmax_topk) and, for k < E, makes the
+  expected output over a uniformly random choice of k experts the dense output. To get a
+  factor c on the routing weights instead, pass output_scale = c * w0."""
+  spec.validate(_ffn_dim(dense))
   sets = partition_sets(dense, spec, rng)
-  e, k = spec.num_experts, spec.top_k
-  scale = (spec.output_scale or e / k) / spec.uniform_weight()
-  return ExpertFfn(np.stack([dense.w_gate_DxF[:, s] for s in sets]),
-                   np.stack([dense.w_up_DxF[:, s] for s in sets]),
-                   np.stack([dense.w_down_FxD[s] * scale for s in sets]))
+  s = spec.output_scale or spec.num_experts / spec.top_k
+  scale = np.asarray(s / spec.uniform_weight(), dense.w_down_FxD.dtype)
+  return _experts(np.stack([dense.w_gate_DxF[:, c] for c in sets]),
+                  np.stack([dense.w_up_DxF[:, c] for c in sets]),
+                  np.stack([dense.w_down_FxD[c] for c in sets]) * scale, dense, spec)
 
 
-def drop_indices(f: int, spec: UpcycleSpec, rng: np.random.Generator) -> np.ndarray:
-  """[E, 3, round(r*F)] neuron indices re-initialised per expert for gate, up, down."""
-  n = int(round(spec.drop_ratio * f))
+def drop_indices(ffn_dim: int, spec: UpcycleSpec, rng: np.random.Generator) -> np.ndarray:
+  """[E, 3, round(r*F)] sorted neuron indices re-initialised in each expert's gate, up and
+  down (one set for all three with drop_shared_indices). drop() draws these first from
+  its rng, so the same seed gives the indices a drop() call used."""
+  n = int(round(spec.drop_ratio * ffn_dim))
   idx = np.empty((spec.num_experts, 3, n), np.int64)
   for e in range(spec.num_experts):
     for m in range(3):
       idx[e, m] = idx[e, 0] if (spec.drop_shared_indices and m) else np.sort(
-          rng.choice(f, n, replace=False))
+          rng.choice(ffn_dim, n, replace=False))
   return idx
 
 
 def drop(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> ExpertFfn:
-  """Drop-Upcycling: copy, then per expert re-initialise a fraction r of the neurons
-  (gate/up columns, down rows) from N(mean, std) of the original matrix."""
-  out = [np.array(w) for w in _stack(dense, spec.num_experts)[:3]]
-  idx = drop_indices(dense.w_gate_DxF.shape[1], spec, rng)
+  """Drop-Upcycling (Nakamura et al. 2025): copy, then in each expert re-initialise
+  round(r*F) neurons (gate/up columns, down rows) from N(mean, std) of the whole original
+  matrix; a separate index set per matrix unless drop_shared_indices."""
+  spec.validate(_ffn_dim(dense))
+  idx = drop_indices(_ffn_dim(dense), spec, rng)
+  out = [_stack(w, spec.num_experts) for w in dense]
   for m, (w, orig) in enumerate(zip(out, dense)):
-    mu, sd = float(orig.mean()), float(orig.std())
+    mu, sd = float(orig.mean(dtype=np.float64)), float(orig.std(dtype=np.float64))
     for e in range(spec.num_experts):
       if m < 2:
         w[e][:, idx[e, m]] = rng.normal(mu, sd, (w.shape[1], idx.shape[2]))
       else:
         w[e][idx[e, m], :] = rng.normal(mu, sd, (idx.shape[2], w.shape[2]))
-  return ExpertFfn(*out)
+  return _experts(*out, dense, spec)
 
 
 def noise(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> ExpertFfn:
-  """Copy, plus N(0, noise_std) on every expert weight."""
-  return ExpertFfn(*(w + rng.normal(0.0, spec.noise_std, w.shape).astype(w.dtype)
-                     for w in _stack(dense, spec.num_experts)[:3]))
+  """Noise upcycling: copy, plus independent N(0, noise_std) on every expert weight
+  (gate, up and down; not only a selected fraction of the neurons)."""
+  spec.validate(_ffn_dim(dense))
+  return _experts(*(w + rng.normal(0.0, spec.noise_std, w.shape).astype(w.dtype)
+                    for w in (_stack(w, spec.num_experts) for w in dense)), dense, spec)
 
 
-def merge(denses: Sequence[DenseFfn], spec: UpcycleSpec, rng: np.random.Generator) -> ExpertFfn:
-  """BTX / mergekit-moe: expert i is model i's FFN (E = number of models)."""
-  del rng
+def average_params(arrays: Sequence[np.ndarray]) -> np.ndarray:
+  """BTX: the element-wise mean of one parameter over the source models (in float64,
+  returned in the first source's dtype)."""
+  if not len(arrays):
+    raise ValueError("average_params: no sources")
+  first = np.asarray(arrays[0])
+  for i, a in enumerate(arrays[1:], 1):
+    if np.shape(a) != first.shape:
+      raise ValueError(f"average_params: source {i} has shape {np.shape(a)}, "
+                       f"source 0 {first.shape}")
+  return np.mean([np.asarray(a, np.float64) for a in arrays], axis=0).astype(first.dtype)
+
+
+def merge_experts(denses: Sequence[DenseFfn], spec: UpcycleSpec) -> ExpertFfn:
+  """BTX / mergekit-moe: expert i is dense model i's FFN (E = number of models, equal
+  shapes). The shared expert, if asked for, is the sources' average FFN."""
   if len(denses) != spec.num_experts:
-    raise ValueError(f"upcycle.experts={spec.num_experts} but {len(denses)} merge sources")
-  for i, d in enumerate(denses[1:], 1):
-    if any(a.shape != b.shape for a, b in zip(d, denses[0])):
-      raise ValueError(f"merge source {i}: FFN shapes {[a.shape for a in d]} differ from "
-                       f"source 0's {[a.shape for a in denses[0]]}")
-  return ExpertFfn(*(np.stack(ws) for ws in zip(*denses)))
+    raise ValueError(f"upcycle.num_experts={spec.num_experts} but {len(denses)} merge sources")
+  spec.validate(_ffn_dim(denses[0]))
+  shapes = [[np.shape(w) for w in d] for d in denses]
+  for i, s in enumerate(shapes[1:], 1):
+    if s != shapes[0]:
+      raise ValueError(f"merge source {i}: FFN shapes {s} differ from source 0's {shapes[0]}")
+  mean = DenseFfn(*(average_params(ws) for ws in zip(*denses)))
+  return _experts(*(np.stack(ws) for ws in zip(*denses)), mean, spec)
 
 
-METHODS: dict[str, Callable] = {"copy": copy, "virtual_group": virtual_group,
-                                "partition": partition, "drop": drop, "noise": noise,
-                                "merge": merge}
+def merge(denses: Sequence[DenseFfn], spec: UpcycleSpec,
+          rng: np.random.Generator | None = None) -> ExpertFfn:
+  """merge_experts with the registry's signature (`dense` is a list; rng unused)."""
+  del rng
+  return merge_experts(denses, spec)
+
+
+METHODS: dict[str, Callable[..., ExpertFfn]] = {
+    "copy": copy, "virtual_group": virtual_group, "partition": partition, "drop": drop,
+    "noise": noise, "merge": merge}
