@@ -1,5 +1,11 @@
 """moe_jax checkpoint directories: `moe_jax.json` (config + provenance), `params/` (orbax),
 `tokenizer.json`. Written to a temporary sibling and renamed, so a failure leaves nothing.
+
+`params/` holds orbax items named `<scope>[.<tag>]`. The scope is `root` (embeddings,
+final norm, head) or `layer_007`, and says where the item's tree sits in the model; items
+of one scope are merged. The tag `expert_003` marks one expert's slice of the scope's
+stacked [E, ...] expert weights, which the loader stacks again. Any other tag is just
+more of the scope (the streaming converter writes each root tensor as it arrives).
 """
 from __future__ import annotations
 
@@ -14,11 +20,12 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from moe_jax import sharding
 from moe_jax.config import ModelConfig
 from moe_jax.models import llama
+from moe_jax.stacked import ExpertStack
 
 MARKER = "moe_jax.json"
 
@@ -61,14 +68,27 @@ def split_items(pure: dict) -> Iterator[tuple[str, dict]]:
     yield f"layer_{i:03d}", pure["layers"][i]
 
 
+def _save_item(ckptr, params_dir: str, name: str, flat: dict[tuple, Any]) -> None:
+  ckptr.save(os.path.join(params_dir, name), traverse_util.unflatten_dict(flat))
+  ckptr.wait_until_finished()
+
+
 def write_items(path: str, cfg: ModelConfig, items: Iterator[tuple[str, dict]], tokenizer=None,
                 provenance: dict[str, Any] | None = None, overwrite: bool = False) -> None:
-  """Writes a checkpoint from (item name, pure dict) pairs, each saved as it arrives."""
+  """Writes a checkpoint from (item name, pure dict) pairs, each saved as it arrives;
+  ExpertStack leaves are saved one expert per item, so only one expert is ever built."""
   with atomic_dir(path, overwrite) as tmp:
+    params = os.path.join(tmp, "params")
     with ocp.StandardCheckpointer() as ckptr:
       for name, tree in items:
-        ckptr.save(os.path.join(tmp, "params", name), tree)
-        ckptr.wait_until_finished()
+        flat = traverse_util.flatten_dict(tree)
+        stacks = {p: v for p, v in flat.items() if isinstance(v, ExpertStack)}
+        if len(stacks) < len(flat):
+          _save_item(ckptr, params, name, {p: v for p, v in flat.items() if p not in stacks})
+        for e in range(max((s.num_experts for s in stacks.values()), default=0)):
+          _save_item(ckptr, params, f"{name}.expert_{e:03d}",
+                     {p: s.expert(e) for p, s in stacks.items()})
+        del flat, stacks, tree
     meta = {"format": "moe_jax", "model": cfg.to_dict(), "provenance": provenance or {}}
     write_json_atomic(os.path.join(tmp, MARKER), meta)
     if tokenizer is not None:
@@ -87,20 +107,58 @@ def read_meta(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
+def scope_prefix(item: str, path: str = "checkpoint") -> tuple:
+  """Where an item's tree sits in the model's state: () for root, ('layers', 7) for
+  layer_007 (the tag after a '.' is ignored)."""
+  scope = item.split(".")[0]
+  if scope == "root":
+    return ()
+  if scope.startswith("layer_") and scope[6:].isdigit():
+    return ("layers", int(scope[6:]))
+  raise ValueError(f"{path}: unexpected checkpoint item {scope!r}")
+
+
+def restore_flat(path: str, target: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
+  """Every param of a checkpoint directory as {full path: array}, placed as `target` says
+  (shape, dtype, sharding per path). Expert slices are stacked again."""
+  params = os.path.join(os.path.abspath(path), "params")
+  out: dict[tuple, Any] = {}
+  slices: dict[tuple, dict[int, np.ndarray]] = {}
+  with ocp.StandardCheckpointer() as ckptr:
+    for name in sorted(os.listdir(params)):
+      tag = name.partition(".")[2]
+      prefix, item = scope_prefix(name, path), os.path.join(params, name)
+      stored = traverse_util.flatten_dict(ckptr.metadata(item).item_metadata.tree)
+      unknown = [prefix + p for p in stored if prefix + p not in target]
+      if unknown:
+        raise ValueError(f"{path}: tensor {'/'.join(map(str, unknown[0]))} is not in the "
+                         f"model config")
+      if tag.startswith("expert_"):
+        for p, a in traverse_util.flatten_dict(ckptr.restore(item)).items():
+          slices.setdefault(prefix + p, {})[int(tag[7:])] = a
+        continue
+      want = traverse_util.unflatten_dict({p: target[prefix + p] for p in stored})
+      out.update({prefix + p: a for p, a in
+                  traverse_util.flatten_dict(ckptr.restore(item, want)).items()})
+  for p, by_expert in slices.items():
+    t = target[p]
+    if sorted(by_expert) != list(range(t.shape[0])):
+      raise ValueError(f"{path}: {'/'.join(map(str, p))} has expert slices "
+                       f"{sorted(by_expert)}, expected 0..{t.shape[0] - 1}")
+    out[p] = jax.device_put(np.stack([by_expert[e] for e in range(t.shape[0])]).astype(t.dtype),
+                            t.sharding)
+  missing = sorted(set(target) - set(out), key=str)
+  if missing:
+    raise ValueError(f"{path}: checkpoint lacks tensor {'/'.join(map(str, missing[0]))}")
+  return out
+
+
 def load(path: str, mesh: jax.sharding.Mesh | None = None, **cfg_overrides) -> llama.Transformer:
-  """Restores a model saved by `save`, sharded over `mesh` when given, item by item."""
+  """Restores a model saved by `save` or `write_items`, sharded over `mesh` when given."""
   cfg = ModelConfig.from_dict(read_meta(path)["model"]).replace(**cfg_overrides)
   graphdef, state = nnx.split(llama.abstract(cfg))
-  target = sharding.abstract_arrays(state, mesh)
-  restored = {}
-  with ocp.StandardCheckpointer() as ckptr:
-    for name, tree in split_items(target):
-      item = ckptr.restore(os.path.join(os.path.abspath(path), "params", name), tree)
-      if name == "root":
-        restored.update(item)
-      else:
-        restored.setdefault("layers", {})[int(name[len("layer_"):])] = item
-  nnx.replace_by_pure_dict(state, restored)
+  target = traverse_util.flatten_dict(sharding.abstract_arrays(state, mesh))
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(restore_flat(path, target)))
   return nnx.merge(graphdef, state)
 
 

@@ -1,5 +1,7 @@
 """Streaming dense -> MoE conversion: tensors in (HF names, one at a time), checkpoint
-items out (one per layer), so peak memory stays near one layer's worth."""
+items out: each top-level tensor as soon as it arrives, each layer once complete, with its
+experts as ExpertStacks that the writer saves one expert at a time. Peak memory stays
+near one dense layer plus one expert, not the MoE layer."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +11,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
+from moe_jax import checkpoint
 from moe_jax.config import ModelConfig
 from moe_jax.convert import hf_names
 from moe_jax.models import llama
 from moe_jax.moe.config import MoeConfig
+from moe_jax.stacked import ExpertStack, materialize
 from moe_jax.upcycle import methods, router_init
 
 _FFN = {"w_gate": 0, "w_up": 1, "w_down": 2}
@@ -39,16 +43,6 @@ def _expected_paths(cfg: ModelConfig) -> dict[Any, set[tuple]]:
   for path, _ in nnx.to_flat_state(state):
     key, sub = (path[1], path[2:]) if path[0] == "layers" else ("root", path)
     out.setdefault(key, set()).add(sub)
-  return out
-
-
-def _nest(flat: dict[tuple, np.ndarray]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = value
   return out
 
 
@@ -83,17 +77,19 @@ class Upcycler:
       out.update({("mlp", "shared_w_gate"): dense.w_gate_DxF,
                   ("mlp", "shared_w_up"): dense.w_up_DxF,
                   ("mlp", "shared_w_down"): dense.w_down_FxD})
-    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+    return {k: v.astype(np.float32) if isinstance(v, ExpertStack) else np.asarray(v, np.float32)
+            for k, v in out.items()}
 
 
 def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray, str]],
                   upcycler: Upcycler) -> Iterator[tuple[str, dict]]:
-  """Checkpoint items ('layer_007', then 'root') of the upcycled model, each emitted as
-  soon as all its tensors have streamed in."""
+  """Checkpoint items of the upcycled model: 'root.<name>' for each non-layer tensor as it
+  arrives, 'layer_007' as soon as all of that layer's tensors have streamed in."""
   moe_cfg = upcycler.moe_cfg
   moe_ids = set(moe_cfg.moe_layer_ids)
   expected = _expected_paths(moe_cfg)
   pending: dict[Any, dict[tuple, np.ndarray]] = {}
+  root_seen: set[tuple] = set()
   ffn: dict[int, list] = {}
   source = "checkpoint"
   for name, w, source in tensors:
@@ -103,6 +99,10 @@ def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
     key, sub = (m.path[1], m.path[2:]) if m.path[0] == "layers" else ("root", m.path)
     if key not in expected:
       raise ValueError(f"{source}: tensor {name!r} is beyond the model's {dense_cfg.n_layers} layers")
+    if key == "root":
+      root_seen.add(sub)
+      yield "root." + ".".join(map(str, sub)), traverse_util.unflatten_dict({sub: np.asarray(m.rule.to_ours(w), np.float32)})
+      continue
     if key in moe_ids and sub[0] == "mlp":
       parts = ffn.setdefault(key, [None, None, None])
       parts[_FFN[sub[1]]] = [m.rule.to_ours(x) for x in w] if isinstance(w, list) else m.rule.to_ours(w)
@@ -113,16 +113,15 @@ def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
         pending.setdefault(key, {}).update(upcycler.layer(key, dense))
     else:
       pending.setdefault(key, {})[sub] = np.asarray(m.rule.to_ours(w), np.float32)
-    if key != "root" and set(pending[key]) >= expected[key]:
-      yield f"layer_{key:03d}", _nest(pending.pop(key))
-  incomplete = sorted(k for k in pending if k != "root")
-  root_missing = expected["root"] - set(pending.get("root", {}))
+    if key in pending and set(pending[key]) >= expected[key]:
+      yield f"layer_{key:03d}", traverse_util.unflatten_dict(pending.pop(key))
+  incomplete = sorted(set(pending) | set(ffn))
+  root_missing = expected["root"] - root_seen
   if incomplete or root_missing:
     layer = incomplete[0] if incomplete else None
-    what = (f"layer {layer}: {sorted(expected[layer] - set(pending[layer]))[0]}"
+    what = (f"layer {layer}: {sorted(expected[layer] - set(pending.get(layer, {})))[0]}"
             if layer is not None else f"{sorted(root_missing)[0]}")
     raise ValueError(f"{source}: incomplete checkpoint, missing {what}")
-  yield "root", _nest(pending.pop("root"))
 
 
 def merged_tensors(dense_cfg: ModelConfig, moe_ids, sources: list[dict[str, np.ndarray]],
@@ -142,14 +141,12 @@ def merged_tensors(dense_cfg: ModelConfig, moe_ids, sources: list[dict[str, np.n
 def model_from_items(cfg: ModelConfig, items: Iterable[tuple[str, dict]]) -> llama.Transformer:
   """An in-memory model from checkpoint items (the train binary's on-the-fly upcycle)."""
   graphdef, state = nnx.split(llama.abstract(cfg))
-  pure: dict = {}
+  flat = {}
   for name, tree in items:
-    if name == "root":
-      pure.update(tree)
-    else:
-      pure.setdefault("layers", {})[int(name[len("layer_"):])] = tree
-  nnx.replace_by_pure_dict(state, pure)
-  state = jax.tree.map(lambda v: jnp.asarray(v, dtype=cfg.param_dtype), state)
+    prefix = checkpoint.scope_prefix(name)
+    flat.update({prefix + p: jnp.asarray(materialize(v), cfg.param_dtype)
+                 for p, v in traverse_util.flatten_dict(tree).items()})
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
   return nnx.merge(graphdef, state)
 
 

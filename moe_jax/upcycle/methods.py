@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from moe_jax.stacked import ExpertStack
 from moe_jax.upcycle import router_init
 
 ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid_bias")
@@ -40,9 +41,10 @@ class DenseFfn(NamedTuple):
 
 
 class ExpertFfn(NamedTuple):
-  w_gate_ExDxFe: np.ndarray
-  w_up_ExDxFe: np.ndarray
-  w_down_ExFexD: np.ndarray
+  """Expert weights as ExpertStacks: `w[e]` builds expert e alone, np.asarray(w) all."""
+  w_gate_ExDxFe: ExpertStack
+  w_up_ExDxFe: ExpertStack
+  w_down_ExFexD: ExpertStack
   router_DxE: np.ndarray | None = None   # None: router_init decides
   shared: DenseFfn | None = None         # always-on shared expert (spec.shared_expert)
   router_repeat: int = 1                 # expert e uses router column e // router_repeat
@@ -136,8 +138,14 @@ def _experts(gate, up, down, dense: DenseFfn, spec: UpcycleSpec, repeat: int = 1
   return ExpertFfn(gate, up, down, None, dense if spec.shared_expert else None, repeat)
 
 
-def _stack(w: np.ndarray, e: int) -> np.ndarray:
-  return np.repeat(w[None], e, axis=0)
+def _stack(w: np.ndarray, e: int) -> ExpertStack:
+  """E references to one array (built on demand, no copies)."""
+  return ExpertStack(e, lambda _: w, w.shape, w.dtype)
+
+
+def _seeds(rng: np.random.Generator, e: int) -> np.ndarray:
+  """One seed per expert, so expert e's random draws do not depend on build order."""
+  return rng.integers(0, 2**63 - 1, size=e)
 
 
 def copy(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> ExpertFfn:
@@ -163,9 +171,10 @@ def virtual_group(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) 
   fs = _ffn_dim(dense) // g
   shard = [slice((i % g) * fs, (i % g + 1) * fs) for i in range(e)]
   a = np.asarray(g / (spec.top_k * spec.uniform_weight()), dense.w_down_FxD.dtype)
-  return _experts(np.stack([dense.w_gate_DxF[:, s] for s in shard]),
-                  np.stack([dense.w_up_DxF[:, s] for s in shard]),
-                  np.stack([dense.w_down_FxD[s] for s in shard]) * a, dense, spec, repeat=g)
+  gate, up, down = dense
+  return _experts(ExpertStack.of([gate[:, s] for s in shard]),
+                  ExpertStack.of([up[:, s] for s in shard]),
+                  ExpertStack.of([down[s] for s in shard]).scaled(a), dense, spec, repeat=g)
 
 
 def balanced_kmeans(points_NxD: np.ndarray, k: int, rng: np.random.Generator,
@@ -206,9 +215,13 @@ def partition(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> E
   sets = partition_sets(dense, spec, rng)
   s = spec.output_scale or spec.num_experts / spec.top_k
   scale = np.asarray(s / spec.uniform_weight(), dense.w_down_FxD.dtype)
-  return _experts(np.stack([dense.w_gate_DxF[:, c] for c in sets]),
-                  np.stack([dense.w_up_DxF[:, c] for c in sets]),
-                  np.stack([dense.w_down_FxD[c] for c in sets]) * scale, dense, spec)
+  gate, up, down = dense
+  return _experts(ExpertStack(len(sets), lambda e: gate[:, sets[e]], (gate.shape[0], len(sets[0])),
+                              gate.dtype),
+                  ExpertStack(len(sets), lambda e: up[:, sets[e]], (up.shape[0], len(sets[0])),
+                              up.dtype),
+                  ExpertStack(len(sets), lambda e: down[sets[e]] * scale,
+                              (len(sets[0]), down.shape[1]), down.dtype), dense, spec)
 
 
 def drop_indices(ffn_dim: int, spec: UpcycleSpec, rng: np.random.Generator) -> np.ndarray:
@@ -230,23 +243,35 @@ def drop(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> Expert
   matrix; a separate index set per matrix unless drop_shared_indices."""
   spec.validate(_ffn_dim(dense))
   idx = drop_indices(_ffn_dim(dense), spec, rng)
-  out = [_stack(w, spec.num_experts) for w in dense]
-  for m, (w, orig) in enumerate(zip(out, dense)):
+  seeds = _seeds(rng, spec.num_experts)
+
+  def stack(m: int, orig: np.ndarray) -> ExpertStack:
     mu, sd = float(orig.mean(dtype=np.float64)), float(orig.std(dtype=np.float64))
-    for e in range(spec.num_experts):
+
+    def build(e: int) -> np.ndarray:
+      w, draw = orig.copy(), np.random.default_rng((seeds[e], m))
       if m < 2:
-        w[e][:, idx[e, m]] = rng.normal(mu, sd, (w.shape[1], idx.shape[2]))
+        w[:, idx[e, m]] = draw.normal(mu, sd, (w.shape[0], idx.shape[2]))
       else:
-        w[e][idx[e, m], :] = rng.normal(mu, sd, (idx.shape[2], w.shape[2]))
-  return _experts(*out, dense, spec)
+        w[idx[e, m], :] = draw.normal(mu, sd, (idx.shape[2], w.shape[1]))
+      return w
+    return ExpertStack(spec.num_experts, build, orig.shape, orig.dtype)
+
+  return _experts(*(stack(m, w) for m, w in enumerate(dense)), dense, spec)
 
 
 def noise(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> ExpertFfn:
   """Noise upcycling: copy, plus independent N(0, noise_std) on every expert weight
   (gate, up and down; not only a selected fraction of the neurons)."""
   spec.validate(_ffn_dim(dense))
-  return _experts(*(w + rng.normal(0.0, spec.noise_std, w.shape).astype(w.dtype)
-                    for w in (_stack(w, spec.num_experts) for w in dense)), dense, spec)
+  seeds = _seeds(rng, spec.num_experts)
+
+  def stack(m: int, w: np.ndarray) -> ExpertStack:
+    build = lambda e: w + np.random.default_rng((seeds[e], m)).normal(
+        0.0, spec.noise_std, w.shape).astype(w.dtype)
+    return ExpertStack(spec.num_experts, build, w.shape, w.dtype)
+
+  return _experts(*(stack(m, w) for m, w in enumerate(dense)), dense, spec)
 
 
 def average_params(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -273,7 +298,7 @@ def merge_experts(denses: Sequence[DenseFfn], spec: UpcycleSpec) -> ExpertFfn:
     if s != shapes[0]:
       raise ValueError(f"merge source {i}: FFN shapes {s} differ from source 0's {shapes[0]}")
   mean = DenseFfn(*(average_params(ws) for ws in zip(*denses)))
-  return _experts(*(np.stack(ws) for ws in zip(*denses)), mean, spec)
+  return _experts(*(ExpertStack.of(ws) for ws in zip(*denses)), mean, spec)
 
 
 def merge(denses: Sequence[DenseFfn], spec: UpcycleSpec,
