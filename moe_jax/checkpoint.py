@@ -4,7 +4,8 @@
 `params/` holds orbax items named `<scope>[.<tag>]`. The scope is `root` (embeddings,
 final norm, head) or `layer_007`, and says where the item's tree sits in the model; items
 of one scope are merged. The tag `expert_003` marks one expert's slice of the scope's
-stacked [E, ...] expert weights, which the loader stacks again. Any other tag is just
+stacked [E, ...] expert weights (`layer_007.expert_003.mlp.w_gate`: one matrix of one
+expert per item), which the loader stacks again. Any other tag is just
 more of the scope (the streaming converter writes each root tensor as it arrives).
 """
 from __future__ import annotations
@@ -86,8 +87,9 @@ def write_items(path: str, cfg: ModelConfig, items: Iterator[tuple[str, dict]], 
         if len(stacks) < len(flat):
           _save_item(ckptr, params, name, {p: v for p, v in flat.items() if p not in stacks})
         for e in range(max((s.num_experts for s in stacks.values()), default=0)):
-          _save_item(ckptr, params, f"{name}.expert_{e:03d}",
-                     {p: s.expert(e) for p, s in stacks.items()})
+          for p, s in stacks.items():  # one matrix of one expert per item
+            _save_item(ckptr, params, f"{name}.expert_{e:03d}.{'.'.join(map(str, p))}",
+                       {p: s.expert(e)})
         del flat, stacks, tree
     meta = {"format": "moe_jax", "model": cfg.to_dict(), "provenance": provenance or {}}
     write_json_atomic(os.path.join(tmp, MARKER), meta)
@@ -135,7 +137,7 @@ def restore_flat(path: str, target: dict[tuple, jax.ShapeDtypeStruct]) -> dict[t
                          f"model config")
       if tag.startswith("expert_"):
         for p, a in traverse_util.flatten_dict(ckptr.restore(item)).items():
-          slices.setdefault(prefix + p, {})[int(tag[7:])] = a
+          slices.setdefault(prefix + p, {})[int(tag.split(".")[0][7:])] = a
         continue
       want = traverse_util.unflatten_dict({p: target[prefix + p] for p in stored})
       out.update({prefix + p: a for p, a in

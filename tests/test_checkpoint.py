@@ -88,7 +88,7 @@ def test_expert_stacks_are_written_one_expert_at_a_time(tmp_path):
   assert sorted(built) == sorted(((n, k), e) for n, _ in items if n != "root"
                                  for k in ("w_gate", "w_up", "w_down") for e in range(4))
   names = sorted(os.listdir(os.path.join(path, "params")))
-  assert "layer_001.expert_003" in names and "layer_001" in names
+  assert "layer_001.expert_003.mlp.w_down" in names and "layer_001" in names
   jax.tree.map(np.testing.assert_array_equal, _params(checkpoint.load(path)), _params(model))
   restored = checkpoint.load(path, sharding.make_mesh(data=2, expert=4))
   w = restored.layers[0].mlp.w_gate[...]
@@ -106,6 +106,6 @@ def test_missing_expert_slice_is_one_line_error(tmp_path):
       tree["mlp"]["w_up"] = ExpertStack.of(list(np.asarray(tree["mlp"]["w_up"])))
   checkpoint.write_items(path, MOE_CFG, iter(items))
   import shutil
-  shutil.rmtree(os.path.join(path, "params", "layer_000.expert_002"))
+  shutil.rmtree(os.path.join(path, "params", "layer_000.expert_002.mlp.w_up"))
   with pytest.raises(ValueError, match=r"layers/0/mlp/w_up has expert slices \[0, 1, 3\]"):
     checkpoint.load(path)
