@@ -96,3 +96,12 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
   devices = list(devices if devices is not None else jax.devices())[:size]
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
                        devices=devices)
+
+
+def place(model: nnx.Module, mesh: jax.sharding.Mesh | None) -> nnx.Module:
+  """The model with every variable moved to where its logical names say on `mesh`."""
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(
+      lambda v: v.replace(jax.device_put(v.get_value(), variable_sharding(v, mesh))), state,
+      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, state)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.moe import dispatch, losses, routers
+from moe_jax.moe import dispatch, expert_parallel, losses, routers
 from moe_jax.moe.config import MoeConfig
 
 _init = nnx.initializers.normal(0.02)
@@ -23,12 +23,16 @@ def update_router_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax
 
 def moe_forward(x_TxD, router_DxE, w_gate, w_up, w_down, cfg: MoeConfig, *,
                 bias_E=None, jitter_key=None, dtype=jnp.float32):
-  """Routed experts only: (y_TxD, stats). Router in float32, experts in `dtype`."""
+  """Routed experts only: (y_TxD, stats). Router in float32, experts in `dtype`. With a
+  mesh in context whose `expert` axis is > 1 the dispatch is expert-parallel."""
   x32 = x_TxD.astype(jnp.float32)
   if jitter_key is not None and cfg.jitter > 0:
     x32 = x32 * jax.random.uniform(jitter_key, x32.shape, jnp.float32,
                                    1.0 - cfg.jitter, 1.0 + cfg.jitter)
   logits_TxE = x32 @ router_DxE.astype(jnp.float32)
+  if expert_parallel.expert_axis_size() > 1:
+    return expert_parallel.moe_forward_ep(x_TxD, logits_TxE, w_gate, w_up, w_down, cfg,
+                                          bias_E=bias_E, dtype=dtype)
   routing = routers.route(logits_TxE, cfg, bias_E=bias_E)
   y, dropped = dispatch.BACKENDS[cfg.backend](
       x_TxD.astype(dtype), routing, w_gate.astype(dtype), w_up.astype(dtype),
