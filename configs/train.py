@@ -30,6 +30,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.moe = ml_collections.ConfigDict(dict(backend="dropless", capacity_factor=1.0,
                                          aux_loss_coeff=1e-2, z_loss_coeff=1e-3, jitter=0.0))
   c.dtype = "float32"
+  # Device mesh (moe_jax/sharding.py); one axis may be -1 = the rest of the devices. The
+  # batch splits over data*fsdp*expert; expert > 1 makes the MoE dispatch expert-parallel
+  # (all_to_all over `expert`). Pod slice shapes: README "TPU pods", moe_jax/launch.py.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
   c.data = ml_collections.ConfigDict(dict(source="stdlib", field="text", max_docs=0))
   c.loop = ml_collections.ConfigDict(dict(
       steps=a.steps, batch_size=8, seq_len=512, seed=0, log_every=10, eval_every=50,

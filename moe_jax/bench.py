@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.models import layers
-from moe_jax.moe import layer
+from moe_jax.moe import dispatch, layer
 from moe_jax.moe.config import MoeConfig
 
 
@@ -53,8 +53,29 @@ def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
          "dense": (jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3))), (x, *dense))}
   med = alternate(fns, repeats)
   ratio = med["moe"] / med["dense"]
+  resolved = dispatch.resolve_backend(backend)
+  backend = backend if resolved == backend else f"{backend}({resolved})"
   print(f"T={t} d={d} f={f} E={e} k={k} dtype={dtype} backend={backend} router={router} "
         f"capacity_factor={capacity_factor} device={jax.devices()[0].device_kind}")
   print(f"moe_fwd_bwd_s={med['moe']:.4f} dense_fwd_bwd_s={med['dense']:.4f}")
   print(f"ratio={ratio:.3f}")
   return ratio
+
+
+def bench_gmm(m: int, k: int, n: int, e: int, dtype: str, repeats: int) -> dict[str, float]:
+  """TFLOP/s of one grouped matmul [m, k] x [e, k, n] over e equal groups: the Pallas gmm,
+  jax.lax.ragged_dot, and a dense [m, k] x [k, n] matmul of the same FLOPs. On CPU the
+  Pallas kernel runs in the interpreter: that number is not a kernel timing."""
+  from pallas_kernels.gmm import ops as gmm_ops  # pylint: disable=g-import-not-at-top
+  dt = jnp.dtype(dtype)
+  ks = jax.random.split(jax.random.key(1), 2)
+  lhs = jax.random.normal(ks[0], (m, k), dt)
+  rhs = jax.random.normal(ks[1], (e, k, n), dt) * k ** -0.5
+  sizes = jnp.full((e,), m // e, jnp.int32).at[-1].add(m % e)
+  fns = {"gmm": (jax.jit(gmm_ops.gmm), (lhs, rhs, sizes)),
+         "ragged_dot": (jax.jit(jax.lax.ragged_dot), (lhs, rhs, sizes)),
+         "dense": (jax.jit(jnp.matmul), (lhs, rhs[0]))}
+  tflops = {name: 2 * m * k * n / s / 1e12 for name, s in alternate(fns, repeats).items()}
+  print(f"gmm m={m} k={k} n={n} groups={e} dtype={dtype} device={jax.devices()[0].device_kind}")
+  print(" ".join(f"{name}_tflops={v:.3f}" for name, v in tflops.items()))
+  return tflops

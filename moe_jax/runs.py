@@ -243,34 +243,73 @@ def _merge_stream(dense_cfg, sources: list[str], moe_ids, base: int):
   return convert.merged_tensors(dense_cfg, set(moe_ids), dicts, names, base)
 
 
-def _train_model(config, workdir: str, tok):
-  """The model to train: restored config if resuming, else built from `config.init`."""
+def _train_model_config(config, workdir: str, tok):
+  """(ModelConfig of the model to train, how to build it): the restored config when
+  resuming, else the one `config.init` and `config.upcycle` describe. Reads configs only."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from moe_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from moe_jax.models import llama  # pylint: disable=g-import-not-at-top
   from moe_jax.upcycle import convert, methods  # pylint: disable=g-import-not-at-top
   meta = os.path.join(workdir, "model_config.json")
   if os.path.exists(meta):  # resuming: the checkpoint will overwrite every param
     with open(meta) as f:
-      return llama.create(ModelConfig.from_dict(json.load(f)))
+      return ModelConfig.from_dict(json.load(f)), "random"
   spec = None if config.upcycle.method == "none" else methods.UpcycleSpec(**config.upcycle)
   moe_over = ml_collections.ConfigDict(config.moe).to_dict()
   if config.init == "scratch":
     dense_cfg = ModelConfig(vocab_size=tok.vocab_size, dtype=config.dtype, **config.scratch)
     if spec is None:
-      return llama.create(dense_cfg, config.loop.seed)
-    return llama.create(convert.moe_model_config(dense_cfg, spec, config.layers, **moe_over),
-                        config.loop.seed)
-  kind = load.checkpoint_kind(config.init)
-  if kind == "moe_jax" or spec is None:
-    model, _ = load.load_model(config.init, dtype=config.dtype)
+      return dense_cfg, "random"
+    return convert.moe_model_config(dense_cfg, spec, config.layers, **moe_over), "random"
+  if load.checkpoint_kind(config.init) == "moe_jax" or spec is None:
+    return load.read_config(config.init, dtype=config.dtype), "load"
+  dense_cfg = load.read_config(config.init)
+  return convert.moe_model_config(dense_cfg, spec, config.layers, **moe_over), "upcycle"
+
+
+def _train_model(config, cfg, how: str, mesh):
+  """The model to train, its params on `mesh`: random (created sharded), loaded (placed
+  as read) or upcycled on the fly (built in host memory, then placed)."""
+  from moe_jax import sharding  # pylint: disable=g-import-not-at-top
+  from moe_jax.models import llama  # pylint: disable=g-import-not-at-top
+  from moe_jax.upcycle import convert, methods  # pylint: disable=g-import-not-at-top
+  if how == "random":
+    return llama.create(cfg, config.loop.seed, mesh=mesh)
+  if how == "load":
+    model, _ = load.load_model(config.init, mesh=mesh, dtype=config.dtype)
     return model
   dense, _ = load.load_model(config.init)
-  moe_cfg = convert.moe_model_config(dense.cfg, spec, config.layers, **moe_over)
-  upcycler = convert.Upcycler(spec, moe_cfg, config.router_init, config.router_std,
+  spec = methods.UpcycleSpec(**config.upcycle)
+  upcycler = convert.Upcycler(spec, cfg, config.router_init, config.router_std,
                               config.loop.seed)
   items = list(convert.upcycle_items(dense.cfg, convert.dense_tensors(dense), upcycler))
-  return convert.model_from_items(moe_cfg.replace(dtype=config.dtype), items)
+  del dense
+  return sharding.place(convert.model_from_items(cfg.replace(dtype=config.dtype), items), mesh)
+
+
+def _num_experts(config, workdir: str) -> int | None:
+  """Experts per MoE layer of the model `config` trains (None: dense), from configs only."""
+  from moe_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  meta = os.path.join(workdir, "model_config.json")
+  if os.path.exists(meta):
+    with open(meta) as f:
+      cfg = ModelConfig.from_dict(json.load(f))
+  elif config.init not in ("", "scratch") and load.checkpoint_kind(config.init) == "moe_jax":
+    cfg = load.read_config(config.init)
+  else:
+    return None if config.upcycle.method == "none" else config.upcycle.num_experts
+  return cfg.moe.num_experts if cfg.moe else None
+
+
+def train_mesh(config, num_experts: int | None = None):
+  """The mesh of `config.mesh` over all devices, checked against the batch and the
+  expert count: one-line errors naming the axis, before anything is built."""
+  from moe_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(**config.mesh)
+  if num_experts and num_experts % mesh.shape["expert"]:
+    raise ValueError(f"mesh.expert={mesh.shape['expert']} does not divide the "
+                     f"{num_experts} experts (config.upcycle.num_experts or the checkpoint's)")
+  sharding.check_batch(config.loop.batch_size, mesh)
+  return mesh
 
 
 def _documents(config, tok):
@@ -297,30 +336,39 @@ def _documents(config, tok):
 
 
 def train(config, workdir: str) -> dict:
-  """Continued training of an upcycled or dense model; resumable from `workdir`."""
+  """Continued training of an upcycled or dense model; resumable from `workdir`. Every
+  process of a multi-host run calls this (after `moe_jax.distributed.initialize`);
+  process 0 writes the JSON files and metrics."""
   import jax  # pylint: disable=g-import-not-at-top
   from moe_jax.train import loop as loop_lib, optim  # pylint: disable=g-import-not-at-top
   loop_cfg = loop_lib.LoopConfig(**config.loop)
   opt_cfg = optim.OptimConfig(**config.optim)
-  if loop_cfg.batch_size % jax.device_count():
-    raise ValueError(f"config.loop.batch_size={loop_cfg.batch_size} is not divisible by the "
-                     f"{jax.device_count()} devices")
   if config.init not in ("", "scratch"):
     load.checkpoint_kind(config.init)  # a missing or unknown checkpoint fails here
+  workdir = os.path.abspath(workdir)
+  mesh = train_mesh(config, _num_experts(config, workdir))  # before anything is built
   tok = load.load_tokenizer("" if config.init in ("", "scratch") else config.init)
   max_len = (config.scratch.max_seq_len if config.init == "scratch"
              else load.read_config(config.init).max_seq_len)
   check_seq_len(loop_cfg.seq_len, max_len, "config.loop.seq_len")
+  model_cfg, how = _train_model_config(config, workdir, tok)
   train_docs, eval_docs = _documents(config, tok)
-  workdir = os.path.abspath(workdir)
-  model = _train_model(config, workdir, tok)
-  os.makedirs(workdir, exist_ok=True)
-  checkpoint.write_json_atomic(os.path.join(workdir, "model_config.json"), model.cfg.to_dict())
-  print(f"training {checkpoint.param_count(model) / 1e6:.1f}M params "
-        f"({len(model.cfg.moe_layer_ids)} MoE layers) for {loop_cfg.steps} steps")
-  last = loop_lib.train(model, train_docs, eval_docs, loop_cfg, opt_cfg, workdir,
+  model = _train_model(config, model_cfg, how, mesh)
+  lead = jax.process_index() == 0
+  if jax.process_count() > 1:  # every process has read workdir before process 0 writes it
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("moe_jax.runs.train")
+  if lead:
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint.write_json_atomic(os.path.join(workdir, "model_config.json"),
+                                 model.cfg.to_dict())
+    print(f"training {checkpoint.param_count(model) / 1e6:.1f}M params "
+          f"({len(model.cfg.moe_layer_ids)} MoE layers) for {loop_cfg.steps} steps on mesh "
+          + " ".join(f"{a}={n}" for a, n in mesh.shape.items()))
+  last = loop_lib.train(model, train_docs, eval_docs, loop_cfg, opt_cfg, workdir, mesh=mesh,
                         meta={"config": config.to_dict()})
-  checkpoint.write_json_atomic(os.path.join(workdir, "final.json"), last)
-  if "eval_loss" in last:
-    print(f"final eval_loss={last['eval_loss']:.4f} loss={last['loss']:.4f}")
+  if lead:
+    checkpoint.write_json_atomic(os.path.join(workdir, "final.json"), last)
+    if "eval_loss" in last:
+      print(f"final eval_loss={last['eval_loss']:.4f} loss={last['loss']:.4f}")
   return last

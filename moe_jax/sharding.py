@@ -6,7 +6,9 @@ mesh axes of a mesh with axes ("data", "fsdp", "expert", "tensor").
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -85,23 +87,127 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, LOGICAL_RULES, mesh.axis_names))
 
 
+def resolve_mesh_shape(n_devices: int, data: int = 1, fsdp: int = 1, expert: int = 1,
+                       tensor: int = 1) -> dict[str, int]:
+  """Axis sizes with at most one -1 replaced by the rest of the `n_devices`.
+
+  Raises a one-line ValueError naming the axis on a bad size, on a -1 that does not
+  divide evenly, and on a mesh larger than the device count.
+  """
+  shape = dict(zip(MESH_AXES, (data, fsdp, expert, tensor)))
+  for axis, size in shape.items():
+    if not isinstance(size, int) or size == 0 or size < -1:
+      raise ValueError(f"mesh.{axis}={size!r}: expected a positive integer or -1 (the rest)")
+  rest = [a for a, s in shape.items() if s == -1]
+  if len(rest) > 1:
+    raise ValueError(f"mesh.{rest[1]}=-1: only one axis may be -1 (mesh.{rest[0]} is too)")
+  fixed = math.prod(s for s in shape.values() if s != -1)
+  if rest:
+    if n_devices % fixed:
+      others = " x ".join(f"mesh.{a}={s}" for a, s in shape.items() if s > 1) or "1"
+      raise ValueError(f"mesh.{rest[0]}=-1: the other axes ({others} = {fixed} devices) do "
+                       f"not divide the {n_devices} devices")
+    shape[rest[0]] = n_devices // fixed
+  size = math.prod(shape.values())
+  if size > n_devices:
+    big = max(shape, key=shape.get)
+    raise ValueError(f"mesh.{big}={shape[big]}: mesh {_fmt(shape)} needs {size} devices, "
+                     f"have {n_devices}")
+  return shape
+
+
+def _fmt(shape: dict[str, int]) -> str:
+  return "x".join(f"{a}={s}" for a, s in shape.items())
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
               devices=None) -> jax.sharding.Mesh:
-  """A mesh over MESH_AXES (Auto axis types: constraints are hints, not asserts)."""
-  shape = (data, fsdp, expert, tensor)
-  n = len(devices) if devices is not None else jax.device_count()
-  size = data * fsdp * expert * tensor
-  if size > n:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {size} devices, have {n}")
-  devices = list(devices if devices is not None else jax.devices())[:size]
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
-                       devices=devices)
+  """A mesh over MESH_AXES (Auto axis types: constraints are hints, not asserts); one
+  axis may be -1 for the rest of the devices. With several processes the mesh must
+  span every device (each process feeds its own devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = resolve_mesh_shape(len(devices), data, fsdp, expert, tensor)
+  size = math.prod(shape.values())
+  if size < len(devices) and jax.process_count() > 1:
+    raise ValueError(f"mesh {_fmt(shape)} uses {size} of {len(devices)} devices; with "
+                     f"{jax.process_count()} processes it must use all (set one axis to -1)")
+  return jax.make_mesh(tuple(shape.values()), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=devices[:size])
+
+
+def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over (data, fsdp, expert)."""
+  axes = logical_to_spec(("batch",), mesh_axes=mesh.axis_names)[0] or ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def check_batch(batch_size: int, mesh: jax.sharding.Mesh, key: str = "config.loop.batch_size"
+                ) -> None:
+  """One-line error when the batch does not split evenly over the batch axes."""
+  axes = batch_axes(mesh)
+  n = math.prod(mesh.shape[a] for a in axes)
+  if batch_size % n:
+    raise ValueError(f"{key}={batch_size} is not divisible by the {n} devices of the batch "
+                     f"axes ({' x '.join(f'mesh.{a}={mesh.shape[a]}' for a in axes)})")
+
+
+def data_shard(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
+  """(shard_index, shard_count): which contiguous slice of each global batch this
+  process's devices hold. Processes that share batch rows (a `tensor` axis spanning
+  hosts) get the same index."""
+  spec = logical_to_spec(("batch",), mesh_axes=mesh.axis_names)
+  rows = {idx[0].indices(batch_size)[:2] for idx in
+          NamedSharding(mesh, spec).addressable_devices_indices_map((batch_size,)).values()}
+  start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
+  if sum(b - a for a, b in rows) < stop - start or batch_size % (stop - start):
+    raise ValueError(f"mesh {_fmt(dict(mesh.shape))}: process {jax.process_index()} holds "
+                     "batch rows that are not one contiguous slice")
+  return start // (stop - start), batch_size // (stop - start)
+
+
+# Initialisers run once: XLA:CPU compiles a model's RNG code ~6x faster unoptimised
+# (2.3 s instead of 14 s for a 2-layer MoE), values equal to float rounding (1e-8).
+_INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
+
+
+def init_sharded(fn: Callable[..., Any], mesh: jax.sharding.Mesh | None, *args) -> Any:
+  """`fn(*args)` (an nnx object) built under jit with each variable's output placed where
+  its logical names say on `mesh`: nothing is materialised whole on one device first.
+  `args` (e.g. the model, for an optimizer) are nnx objects or arrays passed into the jit."""
+  with nnx.use_eager_sharding(False):
+    graphdef, state = nnx.split(nnx.eval_shape(fn, *args))
+  out = nnx.to_pure_dict(jax.tree.map(lambda v: variable_sharding(v, mesh), state,
+                                      is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  arg_def, arg_state = nnx.split(args)
+
+  def build(arg_state):
+    with nnx.use_eager_sharding(False):
+      return nnx.to_pure_dict(nnx.state(fn(*nnx.merge(arg_def, arg_state))))
+
+  options = _INIT_COMPILER_OPTIONS.get(jax.default_backend(), {})
+  compiled = jax.jit(build, out_shardings=out).lower(arg_state).compile(options)
+  nnx.replace_by_pure_dict(state, compiled(arg_state))
+  return nnx.merge(graphdef, state)
+
+
+def bytes_per_device(tree) -> dict[jax.Device, int]:
+  """Bytes of every array in `tree` held by each addressable device."""
+  out: dict[jax.Device, int] = {}
+  for x in jax.tree.leaves(tree):
+    for shard in getattr(x, "addressable_shards", ()):
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
+
+
+def place_state(state: nnx.State, mesh: jax.sharding.Mesh | None) -> nnx.State:
+  """`state` with every variable moved to where its logical names say on `mesh` (a no-op
+  for arrays already there)."""
+  return jax.tree.map(
+      lambda v: v.replace(jax.device_put(v.get_value(), variable_sharding(v, mesh))), state,
+      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def place(model: nnx.Module, mesh: jax.sharding.Mesh | None) -> nnx.Module:
   """The model with every variable moved to where its logical names say on `mesh`."""
   graphdef, state = nnx.split(model)
-  state = jax.tree.map(
-      lambda v: v.replace(jax.device_put(v.get_value(), variable_sharding(v, mesh))), state,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return nnx.merge(graphdef, state)
+  return nnx.merge(graphdef, place_state(state, mesh))

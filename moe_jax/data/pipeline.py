@@ -27,18 +27,27 @@ def tokenize_documents(docs: Sequence[str], encode: Callable[[str], list[int]],
 def packed_dataset(token_docs: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int,
                    *, shard_index: int = 0, shard_count: int = 1,
                    num_epochs: int | None = None) -> grain.IterDataset:
-  """Infinite (or `num_epochs`) stream of [batch_size, seq_len + 1] packed batches.
+  """Infinite (or `num_epochs`) stream of [batch_size // shard_count, seq_len + 1] packed
+  rows: shard `shard_index`'s contiguous slice of every global batch of `batch_size` rows.
 
-  Documents are shuffled per epoch by `seed`, sharded by process (`shard_index` of
-  `shard_count`), concatenated and split into rows (a long document continues in the
-  next row as a new segment).
+  Documents are shuffled per epoch by `seed`, concatenated and split into rows (a long
+  document continues in the next row as a new segment). Every process packs the same
+  global stream and keeps its own rows, so the global batch, and the loss, are the same
+  for any number of processes (sharding whole documents by process would give each
+  process different packed rows and a different global batch).
   """
+  if batch_size % shard_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by {shard_count} data shards")
   ds = grain.MapDataset.source(list(token_docs))
-  ds = ds[shard_index::shard_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map(lambda t: {"tokens": t}).to_iter_dataset()
   ds = grain_exp.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
-  return ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if shard_count == 1:
+    return ds
+  rows = batch_size // shard_count
+  lo, hi = shard_index * rows, (shard_index + 1) * rows
+  return ds.map(lambda b: {k: v[lo:hi] for k, v in b.items()})
 
 
 def to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -141,11 +141,15 @@ class Transformer(nnx.Module):
     head_DxV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt),
                         preferred_element_type=jnp.float32)
-    return logits, {"moe": moe_stats}
+    return sharding.constrain(logits, ("batch", "length", "vocab")), {"moe": moe_stats}
 
 
-def create(cfg: ModelConfig, seed: int = 0) -> Transformer:
-  """A randomly initialised model on the default device (no mesh needed)."""
+def create(cfg: ModelConfig, seed: int = 0,
+           mesh: jax.sharding.Mesh | None = None) -> Transformer:
+  """A randomly initialised model: on the default device, or with `mesh` built directly
+  sharded (each param initialised in place on its shards, never whole on one device)."""
+  if mesh is not None:
+    return sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh)
   with nnx.use_eager_sharding(False):
     return Transformer(cfg, rngs=nnx.Rngs(seed))
 

@@ -12,7 +12,7 @@ class MoeConfig:
   top_k: int
   expert_dim: int                      # per-expert SwiGLU width
   router: str = "topk_softmax"         # see routers.ROUTERS
-  backend: str = "dropless"            # see dispatch.BACKENDS
+  backend: str = "dropless"            # see dispatch.BACKENDS; "auto": pallas on GPU/TPU
   capacity_factor: float = 1.0         # capacity backend and expert_choice
   drop_policy: str = "probability"     # capacity backend: which assignments survive
   norm_topk_prob: bool = False         # softmax_topk: renormalise the kept probabilities

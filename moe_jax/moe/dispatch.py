@@ -13,6 +13,8 @@ and is registered in BACKENDS by name (the Pallas backend plugs in the same way)
   fused per-block SwiGLU loop over the occupied blocks only, with a custom VJP. On CPU
   this runs near dense speed; `jax.lax.ragged_dot` expands to a masked dense matmul there.
 - `ragged`: dropless via `jax.lax.ragged_dot` (the reference grouped matmul).
+- `pallas`: dropless on the Pallas kernels (pallas_backend.py); interpreted on CPU.
+- `auto`: `pallas` on GPU/TPU, `dropless` on CPU, resolved when traced (`resolve_backend`).
 """
 from __future__ import annotations
 
@@ -229,5 +231,18 @@ def ragged(x_TxD, routing, w_gate, w_up, w_down, cfg):
   return jnp.zeros((t, d), y.dtype).at[token].add(y * w[:, None]), jnp.float32(0.0)
 
 
+def _pallas(*args):  # lazy import: pallas_backend pulls in the Pallas kernels
+  from moe_jax.moe import pallas_backend  # pylint: disable=g-import-not-at-top
+  return pallas_backend.pallas(*args)
+
+
+def resolve_backend(name: str) -> str:
+  """'auto' -> 'pallas' on GPU/TPU, 'dropless' on CPU (jax.default_backend() at trace time)."""
+  if name != "auto":
+    return name
+  return "pallas" if jax.default_backend() in ("gpu", "tpu") else "dropless"
+
+
 BACKENDS = {"capacity": capacity_gather, "capacity_einsum": capacity_einsum,
-            "dropless": dropless, "ragged": ragged}
+            "dropless": dropless, "ragged": ragged, "pallas": _pallas,
+            "auto": lambda *args: BACKENDS[resolve_backend("auto")](*args)}

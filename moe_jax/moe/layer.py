@@ -30,7 +30,7 @@ def moe_forward(x_TxD, router_DxE, w_gate, w_up, w_down, cfg: MoeConfig, *,
     x32 = x32 * jax.random.uniform(jitter_key, x32.shape, jnp.float32,
                                    1.0 - cfg.jitter, 1.0 + cfg.jitter)
   logits_TxE = x32 @ router_DxE.astype(jnp.float32)
-  if expert_parallel.expert_axis_size() > 1:
+  if expert_parallel.enabled(x_TxD.shape[0]):
     return expert_parallel.moe_forward_ep(x_TxD, logits_TxE, w_gate, w_up, w_down, cfg,
                                           bias_E=bias_E, dtype=dtype)
   routing = routers.route(logits_TxE, cfg, bias_E=bias_E)

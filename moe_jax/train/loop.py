@@ -5,7 +5,9 @@ the step; the per-step RNG is fold_in(seed, step), so a resumed run repeats exac
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -35,7 +37,7 @@ class LoopConfig:
   seed: int = 0
   log_every: int = 10
   eval_every: int = 50
-  eval_batches: int = 4
+  eval_batches: int = 4           # 0 = no evaluation
   ckpt_every: int = 50
   keep: int = 2
   inject_nan_at_step: int = -1   # testing hook: poison that step's loss mask with NaN
@@ -84,17 +86,41 @@ def _restore(mngr, step: int, state: nnx.State, data_iter, mesh) -> None:
   nnx.replace_by_pure_dict(state, restored["state"])
 
 
-def _batch_to_device(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+def _batch_to_device(batch: dict[str, np.ndarray], mesh, global_rows: int
+                     ) -> dict[str, jax.Array]:
+  """This process's rows of the global batch as global arrays sharded over the batch axes."""
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in batch.items()}
   spec = sharding.logical_to_spec(("batch", "length"), mesh_axes=mesh.axis_names)
-  return {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, spec)) for k, v in batch.items()}
+  named = jax.sharding.NamedSharding(mesh, spec)
+  return {k: jax.make_array_from_process_local_data(named, v, (global_rows, *v.shape[1:]))
+          for k, v in batch.items()}
 
 
-def evaluate_batches(model, batches: list[dict], mesh) -> dict[str, float]:
+def _in_mesh(mesh):
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+# One optax transformation per config: it is static in the optimizer's graph, so a second
+# train() in the same process (a notebook, a resume) hits train_step's compile cache.
+_make_tx = functools.lru_cache(maxsize=8)(optim.make_tx)
+
+
+def make_optimizer(model, opt: optim.OptimConfig, mesh=None) -> nnx.Optimizer:
+  """AdamW state for `model`'s params, created sharded like the params over `mesh`."""
+  tx = _make_tx(opt)
+  if mesh is None:
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return sharding.init_sharded(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param), mesh, model)
+
+
+def evaluate_batches(model, batches: list[dict], mesh, global_rows: int | None = None
+                     ) -> dict[str, float]:
   total, count = 0.0, 0.0
   for b in batches:
-    nll, n = step_lib.eval_step(model, _batch_to_device(b, mesh))
+    rows = global_rows or len(b["tokens"])
+    with _in_mesh(mesh):
+      nll, n = step_lib.eval_step(model, _batch_to_device(b, mesh, rows))
     total += float(nll)
     count += float(n)
   loss = total / max(count, 1.0)
@@ -113,18 +139,23 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
           mesh: jax.sharding.Mesh | None = None, meta: dict[str, Any] | None = None) -> dict:
   """Trains `model` in place; resumes from workdir/checkpoints if a checkpoint exists.
 
-  Returns the last logged metrics (with the final eval loss). Raises FloatingPointError
-  on a NaN/Inf loss, leaving the last good checkpoint as it was.
+  With `mesh` (model params already on it) the optimizer state is created sharded like
+  the params, every process feeds its devices' rows of each global batch, and the steps
+  run with the mesh in context (expert-parallel MoE when mesh.expert > 1); every process
+  of a multi-host run calls this. Returns the last logged metrics (with the final eval
+  loss). Raises FloatingPointError on a NaN/Inf loss, leaving the last good checkpoint.
   """
-  optimizer = nnx.Optimizer(model, optim.make_tx(opt), wrt=nnx.Param)
-  pidx, pcount = jax.process_index(), jax.process_count()
-  if loop.batch_size % pcount:
-    raise ValueError(f"config.batch_size={loop.batch_size} not divisible by {pcount} processes")
-  local_batch = loop.batch_size // pcount
-  data_iter = iter(pipeline.packed_dataset(train_docs, loop.seq_len, local_batch, loop.seed,
-                                           shard_index=pidx, shard_count=pcount))
-  eval_iter = iter(pipeline.packed_dataset(eval_docs, loop.seq_len, local_batch, loop.seed,
-                                           shard_index=pidx, shard_count=pcount, num_epochs=1))
+  if mesh is None and jax.process_count() > 1:
+    raise ValueError(f"{jax.process_count()} processes: training needs a mesh over all devices")
+  if mesh is not None:
+    sharding.check_batch(loop.batch_size, mesh)
+    nnx.update(model, sharding.place_state(nnx.state(model), mesh))  # no-op if already there
+  optimizer = make_optimizer(model, opt, mesh)
+  shard, count = sharding.data_shard(mesh, loop.batch_size) if mesh is not None else (0, 1)
+  data_iter = iter(pipeline.packed_dataset(train_docs, loop.seq_len, loop.batch_size, loop.seed,
+                                           shard_index=shard, shard_count=count))
+  eval_iter = iter(pipeline.packed_dataset(eval_docs, loop.seq_len, loop.batch_size, loop.seed,
+                                           shard_index=shard, shard_count=count, num_epochs=1))
   eval_set = [pipeline.to_batch(b) for _, b in zip(range(loop.eval_batches), eval_iter)]
   mngr = checkpoint_manager(os.path.join(os.path.abspath(workdir), "checkpoints"), loop.keep)
   state = nnx.state((model, optimizer))
@@ -138,7 +169,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   flops_per_token = flops.train_flops_per_token(model.cfg, loop.seq_len)
   peak = flops.peak_flops_per_device()
   key = jax.random.key(loop.seed)
-  bar = _progress(loop.steps, start)
+  bar = _progress(loop.steps, start) if jax.process_index() == 0 else None
   last: dict[str, float] = {}
   t_last, tokens_since = time.time(), 0.0
   with Preempted() as preempted:
@@ -146,8 +177,10 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
       batch = pipeline.to_batch(next(data_iter))
       if step == loop.inject_nan_at_step:
         batch["loss_mask"] = batch["loss_mask"] * np.float32("nan")
-      m = step_lib.train_step(model, optimizer, _batch_to_device(batch, mesh),
-                              jax.random.fold_in(key, step))
+      with _in_mesh(mesh):
+        m = step_lib.train_step(model, optimizer,
+                                _batch_to_device(batch, mesh, loop.batch_size),
+                                jax.random.fold_in(key, step))
       loss = float(m["loss"])
       if not math.isfinite(loss):
         mngr.wait_until_finished()
@@ -166,8 +199,8 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
         if peak:
           last["mfu"] = tps * flops_per_token / (peak * jax.device_count())
         last.update(metrics_lib.router_summary(jax.device_get(m["moe"])))
-        if done % loop.eval_every == 0 or done == loop.steps:
-          last.update(evaluate_batches(model, eval_set, mesh))
+        if eval_set and (done % loop.eval_every == 0 or done == loop.steps):
+          last.update(evaluate_batches(model, eval_set, mesh, loop.batch_size))
         writer.write(done, last)
         if bar is None:
           logging.info("step %d/%d loss=%.4f%s", done, loop.steps, loss,

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from moe_jax import sharding
+
 
 def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
   logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
@@ -44,7 +46,7 @@ def train_step(model, optimizer: nnx.Optimizer, batch: dict, rng: jax.Array):
   optimizer.update(model, grads)
   update_router_biases(model, metrics["moe"])
   metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
-  return metrics
+  return _replicated(metrics)
 
 
 @nnx.jit
@@ -52,4 +54,9 @@ def eval_step(model, batch: dict):
   """(summed masked NLL, token count) for one batch, no router noise."""
   logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], train=False)
   mask = batch["loss_mask"]
-  return (token_nll(logits, batch["targets"]) * mask).sum(), mask.sum()
+  return _replicated(((token_nll(logits, batch["targets"]) * mask).sum(), mask.sum()))
+
+
+def _replicated(tree):
+  """Metrics whole on every device (readable on every process of a multi-host run)."""
+  return jax.tree.map(lambda x: sharding.constrain(x, ()), tree)

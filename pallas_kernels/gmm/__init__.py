@@ -1,0 +1,1 @@
+"""Grouped matmul (gmm) and its transpose (tgmm): kernel.py (Triton / megablox), ops.py (VJP)."""

@@ -1,0 +1,1 @@
+"""Token permutation into expert order and the weighted combine back: kernel.py, ops.py."""

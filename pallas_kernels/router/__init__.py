@@ -1,0 +1,1 @@
+"""Fused router: kernel.py (Pallas), ops.py (custom VJP)."""
