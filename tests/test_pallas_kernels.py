@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from hypothesis import example, given, settings, strategies as st
 
@@ -181,14 +182,16 @@ def _layer_params(e, d, f, seed=0, scale=0.3):
           jax.random.normal(ks[3], (e, f, d)) * scale)
 
 
-def test_pallas_backend_equals_dropless():
+@pytest.mark.parametrize("router", ["sigmoid_bias", "topk_softmax"])
+def test_pallas_backend_equals_dropless(router):
+  """Through layer.moe_forward: the fused router kernel, permute, gmm and unpermute."""
   e, k, t, d, f = 6, 2, 21, 8, 6  # 42 assignments: not a multiple of any tile size
   params = _layer_params(e, d, f, seed=3)
   x = jax.random.normal(jax.random.key(7), (t, d))
 
   def loss_and_grads(backend, x, *params):
     cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=f, backend=backend,
-                    router="sigmoid_bias", topk_scaling_factor=2.0)
+                    router=router, topk_scaling_factor=2.0 if router == "sigmoid_bias" else 1.0)
     loss = lambda x, *p: jnp.sum(jnp.sin(layer.moe_forward(x, *p, cfg)[0]))
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(x, *params)
 

@@ -21,6 +21,16 @@ def update_router_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax
   return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E).astype(bias_E.dtype)
 
 
+def _route(logits_TxE, cfg: MoeConfig, bias_E):
+  """The fused Pallas router when the dispatch resolves to `pallas` (same semantics),
+  else routers.route."""
+  if dispatch.resolve_backend(cfg.backend) == "pallas":
+    from moe_jax.moe import pallas_backend  # pylint: disable=g-import-not-at-top
+    if cfg.router in pallas_backend.FUSED_ROUTERS:
+      return pallas_backend.route(logits_TxE, cfg, bias_E)
+  return routers.route(logits_TxE, cfg, bias_E=bias_E)
+
+
 def moe_forward(x_TxD, router_DxE, w_gate, w_up, w_down, cfg: MoeConfig, *,
                 bias_E=None, jitter_key=None, dtype=jnp.float32):
   """Routed experts only: (y_TxD, stats). Router in float32, experts in `dtype`. With a
@@ -33,7 +43,7 @@ def moe_forward(x_TxD, router_DxE, w_gate, w_up, w_down, cfg: MoeConfig, *,
   if expert_parallel.enabled(x_TxD.shape[0]):
     return expert_parallel.moe_forward_ep(x_TxD, logits_TxE, w_gate, w_up, w_down, cfg,
                                           bias_E=bias_E, dtype=dtype)
-  routing = routers.route(logits_TxE, cfg, bias_E=bias_E)
+  routing = _route(logits_TxE, cfg, bias_E)
   y, dropped = dispatch.BACKENDS[cfg.backend](
       x_TxD.astype(dtype), routing, w_gate.astype(dtype), w_up.astype(dtype),
       w_down.astype(dtype), cfg)

@@ -1,6 +1,7 @@
 """The `pallas` dispatch backend: dropless MoE on the Pallas kernels in pallas_kernels/.
 
-Assignments are sorted by expert (`permute.plan`), gathered into expert order
+The layer routes with the fused router kernel (`route`) when the router is one it
+covers. Assignments are sorted by expert (`permute.plan`), gathered into expert order
 (`permute`), run through the expert SwiGLUs as three grouped matmuls (`gmm`), and combined
 back with the routing weights (`unpermute`). Each op owns its custom VJP. The kernel
 lowering follows the platform (Triton on GPU, Mosaic/megablox on TPU, the interpreter on
@@ -11,8 +12,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe import routers
 from pallas_kernels.gmm import ops as gmm_ops
 from pallas_kernels.permute import ops as permute_ops
+from pallas_kernels.router import kernel as router_kernel
+from pallas_kernels.router import ops as router_ops
+
+FUSED_ROUTERS = router_kernel.ROUTERS
+
+
+def route(logits_TxE, cfg, bias_E=None, target=None) -> routers.Routing:
+  """routers.route on the fused router kernel, for the routers it covers (FUSED_ROUTERS)."""
+  r = router_ops.route(logits_TxE, cfg, bias_E, target=target)
+  return routers.Routing(r.weights_TxK, r.experts_TxK, r.probs_TxE)
 
 
 def pallas(x_TxD, routing, w_gate, w_up, w_down, cfg, target=None):
