@@ -122,10 +122,11 @@ def scope_prefix(item: str, path: str = "checkpoint") -> tuple:
 
 def restore_flat(path: str, target: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
   """Every param of a checkpoint directory as {full path: array}, placed as `target` says
-  (shape, dtype, sharding per path). Expert slices are stacked again."""
+  (shape, dtype, sharding per path). Expert slices are stacked again on the devices:
+  each process reads only the expert items its own devices hold."""
   params = os.path.join(os.path.abspath(path), "params")
   out: dict[tuple, Any] = {}
-  slices: dict[tuple, dict[int, np.ndarray]] = {}
+  slices: dict[tuple, dict[int, tuple[str, tuple]]] = {}  # stack path -> expert -> item
   with ocp.StandardCheckpointer() as ckptr:
     for name in sorted(os.listdir(params)):
       tag = name.partition(".")[2]
@@ -136,23 +137,40 @@ def restore_flat(path: str, target: dict[tuple, jax.ShapeDtypeStruct]) -> dict[t
         raise ValueError(f"{path}: tensor {'/'.join(map(str, unknown[0]))} is not in the "
                          f"model config")
       if tag.startswith("expert_"):
-        for p, a in traverse_util.flatten_dict(ckptr.restore(item)).items():
-          slices.setdefault(prefix + p, {})[int(tag.split(".")[0][7:])] = a
+        for p in stored:
+          slices.setdefault(prefix + p, {})[int(tag.split(".")[0][7:])] = (item, p)
         continue
       want = traverse_util.unflatten_dict({p: target[prefix + p] for p in stored})
       out.update({prefix + p: a for p, a in
                   traverse_util.flatten_dict(ckptr.restore(item, want)).items()})
-  for p, by_expert in slices.items():
-    t = target[p]
-    if sorted(by_expert) != list(range(t.shape[0])):
-      raise ValueError(f"{path}: {'/'.join(map(str, p))} has expert slices "
-                       f"{sorted(by_expert)}, expected 0..{t.shape[0] - 1}")
-    out[p] = jax.device_put(np.stack([by_expert[e] for e in range(t.shape[0])]).astype(t.dtype),
-                            t.sharding)
+    for p, by_expert in slices.items():
+      t = target[p]
+      if sorted(by_expert) != list(range(t.shape[0])):
+        raise ValueError(f"{path}: {'/'.join(map(str, p))} has expert slices "
+                         f"{sorted(by_expert)}, expected 0..{t.shape[0] - 1}")
+      out[p] = _stack_experts(ckptr, by_expert, t)
   missing = sorted(set(target) - set(out), key=str)
   if missing:
     raise ValueError(f"{path}: checkpoint lacks tensor {'/'.join(map(str, missing[0]))}")
   return out
+
+
+def _stack_experts(ckptr, items: dict[int, tuple[str, tuple]], t: jax.ShapeDtypeStruct):
+  """The [E, ...] stack of one param from its per-expert items, built shard by shard:
+  a device's block reads only the experts in its slice of axis 0 (each at most once)."""
+  cache: dict[int, np.ndarray] = {}
+
+  def expert(e: int) -> np.ndarray:
+    if e not in cache:
+      item, p = items[e]
+      cache[e] = np.asarray(traverse_util.flatten_dict(ckptr.restore(item))[p], t.dtype)
+    return cache[e]
+
+  def block(index: tuple[slice, ...]) -> np.ndarray:
+    experts = range(*index[0].indices(t.shape[0]))
+    return np.stack([expert(e)[tuple(index[1:])] for e in experts])
+
+  return jax.make_array_from_callback(t.shape, t.sharding, block)
 
 
 def load(path: str, mesh: jax.sharding.Mesh | None = None, **cfg_overrides) -> llama.Transformer:

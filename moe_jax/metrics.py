@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -25,6 +26,23 @@ def router_summary(moe_stats: dict[int, dict[str, Any]]) -> dict[str, float]:
   return out
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch (~2 s per binary start).
+
+  tensorboardX imports torch only to accept torch tensors; we write Python floats. If
+  torch is already loaded (a notebook, the tests), it is used as is.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes scalars to workdir/metrics.jsonl and TensorBoard; a no-op off process 0."""
 
@@ -34,8 +52,7 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = _summary_writer()(os.path.join(workdir, "tb"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:

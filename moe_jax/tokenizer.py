@@ -70,7 +70,7 @@ def tokenizer_from_gguf(path: str) -> Tokenizer:
   """Byte-level BPE from a GGUF's `tokenizer.ggml.*` metadata (tokenizer model 'gpt2')."""
   from moe_jax.convert import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
   reader = gguf_lib.open_reader(path)
-  field = lambda k: None if reader.fields.get(k) is None else reader.fields[k].contents()
+  field = reader.fields.get
   kind = field("tokenizer.ggml.model")
   if kind != "gpt2":
     raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported; expected 'gpt2'")

@@ -1,6 +1,16 @@
-"""Test setup: 8 fake CPU devices for sharded paths (set before jax is imported)."""
+"""Test setup: 8 fake CPU devices for sharded paths (set before jax is imported), and one
+persistent XLA compilation cache shared by the test processes and the binaries they start.
+
+The binaries under test (train, evaluate, sweep, multi-process runs) are started many
+times with the same small configs; the cache turns their repeated compiles into reads.
+A cached executable is the same program, so bitwise checks (exact resume) are unaffected.
+"""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"moe_jax_test_xla_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

@@ -47,7 +47,8 @@ def test_router_invariants(case):
   k = min(k, e)
   cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=4, router=name)
   logits = jax.random.normal(jax.random.key(seed), (t, e)) * 3
-  r = routers.route(logits, cfg, bias_E=jnp.linspace(-1, 1, e) if name == "sigmoid_bias" else None)
+  bias_E = jnp.linspace(-1, 1, e) if name == "sigmoid_bias" else None
+  r = jax.jit(lambda l, b: routers.route(l, cfg, bias_E=b))(logits, bias_E)
   w, idx = np.asarray(r.weights_TxK), np.asarray(r.experts_TxK)
   assert (w >= 0).all()
   assert all(len(set(row)) == len(row) for row in idx.tolist())
@@ -68,9 +69,9 @@ def test_capacity_never_exceeded_and_drops_contribute_nothing(t, e, k, cf, polic
                   drop_policy=policy)
   router, wg, wu, wd = _weights(e, 6, 4, seed)
   x = jax.random.normal(jax.random.key(seed + 1), (t, 6))
-  r = routers.route(x @ router, cfg)
+  r = jax.jit(routers.route, static_argnums=1)(x @ router, cfg)
   c = dispatch.capacity(t, cfg)
-  slots, keep, _, _ = dispatch._capacity_slots(x, r, cfg)
+  slots, keep, _, _ = jax.jit(dispatch._capacity_slots, static_argnums=2)(x, r, cfg)
   kept_per_expert = np.bincount(np.asarray(slots.expert_N)[np.asarray(keep)], minlength=e)
   assert kept_per_expert.max() <= c
   keep_TxK = np.zeros(t * k, bool)

@@ -1,5 +1,6 @@
 """Multi-host: two real processes on localhost (CPU, gloo collectives) train like one;
-process 0 alone writes metrics; orbax saves and restores across the two hosts. Plus the
+process 0 alone writes metrics; orbax saves and restores across the two hosts; a host
+loading an upcycled checkpoint reads only its own experts. Plus the
 start-up plan (flags, environment, Cloud TPU) and the TPU pod launch command."""
 import json
 import os
@@ -19,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # expert all_to_all crosses processes.
 WORKER = r"""
 import sys
-workdir, runs, n, pid, port, mesh_axis = sys.argv[1:7]
+workdir, runs, n, pid, port, mesh_axis, upcycled = sys.argv[1:8]
 from moe_jax import distributed
 distributed.initialize(f"127.0.0.1:{port}" if int(n) > 1 else None, int(n), int(pid))
 import numpy as np
@@ -41,6 +42,21 @@ for seed, steps in enumerate(map(int, runs.split(","))):
                        eval_batches=0, ckpt_every=2, keep=2)
   loop.train(model, docs, docs, lc, optim.OptimConfig(lr=3e-3, total_steps=4, warmup_steps=1),
              workdir, mesh=mesh)
+if upcycled:  # a checkpoint with one item per expert matrix: which items does a host read?
+  import json, os
+  import orbax.checkpoint as ocp
+  from moe_jax import checkpoint
+  reads, restore = [], ocp.StandardCheckpointer.restore
+  ocp.StandardCheckpointer.restore = lambda self, item, *a, **k: (
+      reads.append(os.path.basename(item)), restore(self, item, *a, **k))[1]
+  got = checkpoint.load(upcycled, mesh)
+  want = np.load(upcycled + ".npz")
+  for name in ("w_gate", "w_up", "w_down"):
+    for layer in range(cfg.n_layers):
+      for shard in getattr(got.layers[layer].mlp, name)[...].addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), want[f"{layer}.{name}"][shard.index])
+  with open(os.path.join(workdir, f"reads_{pid}.json"), "w") as f:
+    json.dump(sorted(r for r in reads if ".expert_" in r), f)
 """
 
 
@@ -50,7 +66,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, runs: str, n: int, devices: int, mesh_axis: str) -> list:
+def _launch(workdir, runs: str, n: int, devices: int, mesh_axis: str, upcycled: str = "") -> list:
   """`n` worker processes with `devices` CPU devices each; `runs` = '2,4': train to step 2,
   then in the same processes from fresh params to step 4 (restoring step 2)."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
@@ -60,7 +76,7 @@ def _launch(workdir, runs: str, n: int, devices: int, mesh_axis: str) -> list:
       del env[k]
   port = _free_port()
   return [subprocess.Popen([sys.executable, "-c", WORKER, str(workdir), runs, str(n),
-                            str(pid), str(port), mesh_axis], cwd=ROOT, env=env,
+                            str(pid), str(port), mesh_axis, upcycled], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for pid in range(n)]
 
@@ -76,10 +92,34 @@ def _rows(workdir) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+def _upcycled_checkpoint(path: str) -> None:
+  """A checkpoint laid out as the streaming upcycler writes it (one item per expert
+  matrix), and its expert weights as `path`.npz."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from moe_jax import checkpoint
+  from moe_jax.config import ModelConfig
+  from moe_jax.models import llama
+  from moe_jax.moe.config import MoeConfig
+  from moe_jax.stacked import ExpertStack
+  moe = MoeConfig(num_experts=8, top_k=2, expert_dim=16, backend="dropless")
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                    head_dim=8, ffn_dim=48, moe=moe)
+  items = list(checkpoint.split_items(nnx.to_pure_dict(nnx.state(llama.create(cfg, seed=7)))))
+  want = {}
+  for name, tree in items[1:]:
+    for k in ("w_gate", "w_up", "w_down"):
+      want[f"{int(name[6:])}.{k}"] = w = np.asarray(tree["mlp"][k])
+      tree["mlp"][k] = ExpertStack.of(list(w))
+  checkpoint.write_items(path, cfg, iter(items))
+  np.savez(path + ".npz", **want)
+
+
 def test_two_processes_train_like_one(tmp_path):
   ref, multi = tmp_path / "one", tmp_path / "two"
+  upcycled = str(tmp_path / "upcycled")
+  _upcycled_checkpoint(upcycled)
   _wait(_launch(ref, "4", n=1, devices=1, mesh_axis="fsdp") +
-        _launch(multi, "2,4", n=2, devices=2, mesh_axis="expert"))
+        _launch(multi, "2,4", n=2, devices=2, mesh_axis="expert", upcycled=upcycled))
   want = {r["step"]: r["loss"] for r in _rows(ref)}
   rows = _rows(multi)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]  # process 0 alone writes metrics
@@ -90,6 +130,11 @@ def test_two_processes_train_like_one(tmp_path):
   assert steps == [2, 4]
   data = os.listdir(multi / "checkpoints" / "4" / "data")  # grain: one state per process
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data)
+  # expert axis over 4 devices, 2 per process: a host reads only its 4 experts' items
+  for pid, experts in enumerate(((0, 1, 2, 3), (4, 5, 6, 7))):
+    reads = json.loads((multi / f"reads_{pid}.json").read_text())
+    assert reads == sorted(f"layer_{l:03d}.expert_{e:03d}.mlp.{k}" for l in range(2)
+                           for e in experts for k in ("w_gate", "w_up", "w_down"))
 
 
 def test_bad_distributed_flags_are_one_line(tmp_path):

@@ -108,3 +108,29 @@ def test_unpermute_inverts_llama_cpp_permute():
   n_head = 6
   permuted = w.reshape(n_head, 2, 4, 3).swapaxes(1, 2).reshape(w.shape)  # llama.cpp's permute
   np.testing.assert_array_equal(gguf.unpermute_rotary(permuted, n_head), w)
+
+
+def test_header_parser_equals_gguf_reader():
+  """Our one-pass header parser against the `gguf` package's reader on the same file."""
+  import gguf as gguf_pkg  # pylint: disable=g-import-not-at-top
+  ours, ref = gguf.open_reader(PATH), gguf_pkg.GGUFReader(PATH)
+  want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+  assert ours.fields == want
+  assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+  for a, b in zip(ours.tensors, ref.tensors):
+    assert (a.tensor_type, a.shape, a.data_offset, a.n_bytes) == (
+        b.tensor_type, tuple(b.shape.tolist()), b.data_offset, b.n_bytes)
+    np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_corrupt_header(tmp_path):
+  with open(PATH, "rb") as f:
+    head = f.read(4096)
+  cut = tmp_path / "head.gguf"
+  cut.write_bytes(head)  # ends inside the vocabulary
+  with pytest.raises(ValueError, match=f"^{cut}: truncated GGUF file"):
+    gguf.open_reader(str(cut))
+  odd = tmp_path / "v9.gguf"
+  odd.write_bytes(head[:4] + (9).to_bytes(4, "little") + head[8:])
+  with pytest.raises(ValueError, match=f"^{odd}: GGUF version 9 is not supported"):
+    gguf.read_gguf_config(str(odd))
