@@ -237,6 +237,16 @@ def drop_indices(ffn_dim: int, spec: UpcycleSpec, rng: np.random.Generator) -> n
   return idx
 
 
+def _redraw(w_RxC: np.ndarray, cols: np.ndarray, mu: float, sd: float,
+            draw: np.random.Generator, rows_per_chunk: int = 256) -> None:
+  """w[:, cols] = N(mu, sd) in place, drawn in float32 a block of rows at a time, so the
+  temporaries stay small (a 2048 x 2816 float64 draw would be 46 MB per matrix)."""
+  for r in range(0, w_RxC.shape[0], rows_per_chunk):
+    block = draw.standard_normal((min(rows_per_chunk, w_RxC.shape[0] - r), len(cols)),
+                                 dtype=np.float32)
+    w_RxC[r:r + len(block), cols] = block * np.float32(sd) + np.float32(mu)
+
+
 def drop(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> ExpertFfn:
   """Drop-Upcycling (Nakamura et al. 2025): copy, then in each expert re-initialise
   round(r*F) neurons (gate/up columns, down rows) from N(mean, std) of the whole original
@@ -250,10 +260,7 @@ def drop(dense: DenseFfn, spec: UpcycleSpec, rng: np.random.Generator) -> Expert
 
     def build(e: int) -> np.ndarray:
       w, draw = orig.copy(), np.random.default_rng((seeds[e], m))
-      if m < 2:
-        w[:, idx[e, m]] = draw.normal(mu, sd, (w.shape[0], idx.shape[2]))
-      else:
-        w[idx[e, m], :] = draw.normal(mu, sd, (idx.shape[2], w.shape[1]))
+      _redraw(w if m < 2 else w.T, idx[e, m], mu, sd, draw)
       return w
     return ExpertStack(spec.num_experts, build, orig.shape, orig.dtype)
 
