@@ -25,6 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = settings(max_examples=3, deadline=None)
 MOSAIC = target_lib.Target("mosaic", True)  # the TPU kernels, interpreted
 TARGETS = st.sampled_from([target_lib.INTERPRET, MOSAIC])
+# bfloat16: kernel outputs and cotangents are rounded to bf16 (eps 2^-8 = 3.9e-3) while the
+# references accumulate in float32; over 40 random gmm cases the weight gradient needed
+# 9.4e-3 (input gradient 4.5e-3, output 1.5e-3), so 2e-2 is about 5 bf16 ulps.
 TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 

@@ -1,9 +1,10 @@
 """Read GGUF checkpoints (Llama architecture): config, dequantised tensors in HF layout.
 
-The header (metadata and tensor table) is parsed here with `struct` in one pass
-(`gguf.GGUFReader` spends ~7 s on SmolLM2's 49k-token vocabulary); tensor data is
-memory-mapped and dequantised with `gguf.quants`, one tensor at a time as it is yielded. llama.cpp stores q/k rows permuted for its rotary layout; that is undone
-here so the tensors match the Hugging Face checkpoint they came from.
+The header (metadata and tensor table) is parsed here with `struct` in one pass: 0.24 s
+on SmolLM2, where `gguf.GGUFReader` takes ~4 s over the 49k-token vocabulary. Tensor
+data is memory-mapped and dequantised with `gguf.quants`, one tensor at a time as it is
+yielded. llama.cpp stores q/k rows permuted for its rotary layout; that is undone here
+so the tensors match the Hugging Face checkpoint they came from.
 """
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ class _Cursor:
       item, n = self.unpack("<I"), self.unpack("<Q")
       if item in _SCALAR:  # numbers in one numpy read
         size = struct.calcsize(_SCALAR[item])
+        if self.pos + n * size > len(self.buf):
+          raise struct.error(f"array of {n} numbers runs past the end of the file")
         out = np.frombuffer(self.buf, _SCALAR[item], n, self.pos).tolist()
         self.pos += n * size
         return out
@@ -154,40 +157,41 @@ def open_reader(path: str) -> GgufFile:
     raise ValueError(f"{path}: {e}") from None
 
 
-def _field(reader: GgufFile, key: str, default: Any = None) -> Any:
-  value = reader.fields.get(key)
-  return default if value is None else value
-
 
 def read_gguf_config(path: str) -> dict[str, Any]:
   """A transformers-style config.json dict for the GGUF's model."""
-  reader = open_reader(path)
-  arch = _field(reader, "general.architecture")
+  return _config(open_reader(path), path)
+
+
+def _config(reader: GgufFile, path: str) -> dict[str, Any]:
+  """read_gguf_config on an open file."""
+  field = reader.fields.get
+  arch = field("general.architecture")
   if arch != "llama":
     raise ValueError(f"{path}: general.architecture={arch!r} is not supported; expected 'llama'")
   p = f"{arch}."
-  heads = int(_field(reader, p + "attention.head_count"))
-  d = int(_field(reader, p + "embedding_length"))
+  heads = int(field(p + "attention.head_count"))
+  d = int(field(p + "embedding_length"))
   names = {t.name for t in reader.tensors}
-  vocab = _field(reader, p + "vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
+  vocab = field(p + "vocab_size") or len(field("tokenizer.ggml.tokens"))
   cfg = {
       "model_type": "llama", "vocab_size": int(vocab), "hidden_size": d,
-      "intermediate_size": int(_field(reader, p + "feed_forward_length")),
-      "num_hidden_layers": int(_field(reader, p + "block_count")),
+      "intermediate_size": int(field(p + "feed_forward_length")),
+      "num_hidden_layers": int(field(p + "block_count")),
       "num_attention_heads": heads,
-      "num_key_value_heads": int(_field(reader, p + "attention.head_count_kv", heads)),
-      "head_dim": int(_field(reader, p + "rope.dimension_count", d // heads)),
-      "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0)),
-      "rms_norm_eps": float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-      "max_position_embeddings": int(_field(reader, p + "context_length", 2048)),
+      "num_key_value_heads": int(field(p + "attention.head_count_kv", heads)),
+      "head_dim": int(field(p + "rope.dimension_count", d // heads)),
+      "rope_theta": float(field(p + "rope.freq_base", 10000.0)),
+      "rms_norm_eps": float(field(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+      "max_position_embeddings": int(field(p + "context_length", 2048)),
       "tie_word_embeddings": "output.weight" not in names,
-      "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-      "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+      "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+      "eos_token_id": field("tokenizer.ggml.eos_token_id"),
   }
-  scaling = _field(reader, p + "rope.scaling.type")
+  scaling = field(p + "rope.scaling.type")
   if scaling == "linear":
     cfg["rope_scaling"] = {"rope_type": "linear",
-                           "factor": float(_field(reader, p + "rope.scaling.factor"))}
+                           "factor": float(field(p + "rope.scaling.factor"))}
   elif scaling not in (None, "none"):
     raise ValueError(f"{path}: rope.scaling.type={scaling!r} is not supported")
   return cfg
@@ -211,8 +215,8 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 def iter_gguf_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, float32 array in HF [out, in] layout), dequantised one tensor at a time."""
   import gguf  # pylint: disable=g-import-not-at-top
-  cfg = read_gguf_config(path)
   reader = open_reader(path)
+  cfg = _config(reader, path)
   for t in reader.tensors:
     try:
       name = hf_name(t.name)
