@@ -2,7 +2,9 @@
 
 Perplexity of a checkpoint on an evaluation text, and optionally a greedy completion.
 Arguments: `runlocal` (a few windows only). Examples:
-  --config.checkpoint=path/to/hf_dir | model.gguf | moe_jax_ckpt   ('' = embedded SmolLM2)
+  --config.checkpoint=path/to/hf_dir | model.gguf | moe_jax_ckpt | train_workdir
+                      | train_workdir/checkpoints/<step>   ('' = embedded SmolLM2)
+  --config.moe.backend=dropless   (evaluate a capacity-trained MoE without drops)
   --config.eval_file=notes.txt   ('' = the embedded pydoc text)
   --config.prompt="def fibonacci(n):"
 """
@@ -22,6 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.prompt = ""              # non-empty: also print a greedy completion
   c.max_new_tokens = 32
+  # MoE dispatch at evaluation: '' / 0 keep the checkpoint's (moe_jax.runs.eval_overrides).
+  c.moe = ml_collections.ConfigDict(dict(backend="", capacity_factor=0.0))
   if a.runlocal:
     c.max_windows = 8
   return c

@@ -8,7 +8,7 @@ grouped-matmul TFLOP/s of the Pallas gmm, jax.lax.ragged_dot and a dense matmul)
 """
 from absl import app, flags
 
-from moe_jax import runs
+from experiments import cli
 
 from moe_jax import bench
 
@@ -36,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from moe_jax import runs
+from experiments import cli
 from safetensors.numpy import save_file
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_upcycle", "Scratch directory.")
@@ -95,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

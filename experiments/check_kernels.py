@@ -9,7 +9,7 @@ import sys
 
 from absl import app, flags
 
-from moe_jax import runs
+from experiments import cli
 
 from pallas_kernels import export_check
 
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -4,7 +4,7 @@
 """
 from absl import app, flags
 
-from moe_jax import runs
+from experiments import cli
 from moe_jax.convert import export_hf
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "moe_jax checkpoint directory.", required=True)
@@ -16,9 +16,9 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty output d
 
 def main(argv):
   del argv
-  out = runs.main_guard(export_hf.export, _CKPT.value, _OUT.value, _FORMAT.value, _OVERWRITE.value)
+  out = cli.main_guard(export_hf.export, _CKPT.value, _OUT.value, _FORMAT.value, _OVERWRITE.value)
   print(f"exported {_CKPT.value} as {_FORMAT.value} to {out}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

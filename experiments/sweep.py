@@ -10,6 +10,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import cli
 from moe_jax import runs, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A sweep config module.",
@@ -36,8 +37,8 @@ def run(config, workdir: str):
 
 def main(argv):
   del argv
-  runs.main_guard(run, _CONFIG.value, _WORKDIR.value)
+  cli.main_guard(run, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

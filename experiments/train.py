@@ -7,6 +7,7 @@ Multi-host: run the same command on every host with --coordinator=HOST:PORT
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import cli
 from moe_jax import distributed, runs
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train.py", lock_config=True)
@@ -20,10 +21,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def main(argv):
   del argv
-  runs.main_guard(distributed.initialize, _COORDINATOR.value, _NUM_PROCESSES.value,
+  cli.main_guard(distributed.initialize, _COORDINATOR.value, _NUM_PROCESSES.value,
                   _PROCESS_ID.value)
-  runs.main_guard(runs.train, _CONFIG.value, _WORKDIR.value)
+  cli.main_guard(runs.train, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -2,6 +2,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import cli
 from moe_jax import runs
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/upcycle.py", lock_config=True)
@@ -10,8 +11,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The output checkpoint directory
 
 def main(argv):
   del argv
-  runs.main_guard(runs.upcycle, _CONFIG.value, _WORKDIR.value)
+  cli.main_guard(runs.upcycle, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -31,6 +31,18 @@ from moe_jax.stacked import ExpertStack
 MARKER = "moe_jax.json"
 
 
+def versions() -> dict[str, str]:
+  """Versions of the packages that wrote a checkpoint, for its provenance."""
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  out = {}
+  for pkg in ("jax", "flax", "orbax-checkpoint", "moe_jax"):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
 def is_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, MARKER))
 

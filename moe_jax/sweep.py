@@ -1,5 +1,10 @@
 """Sweeps: a config module's `sweep()` yields overrides; each run gets its own directory,
-finished runs are skipped on restart, and the results go to CSV, markdown and PNG."""
+finished runs are skipped on restart, and the results go to CSV, markdown and PNG.
+
+Runs can be chained: an override set may carry a `name` (its directory; otherwise the
+overrides spell it) and `init: "run:<name>"`, which starts it from that earlier run's
+final checkpoint. The sweep runs each run after the one it starts from.
+"""
 from __future__ import annotations
 
 import csv
@@ -11,8 +16,56 @@ from typing import Any
 import ml_collections
 
 
+RUN_PREFIX = "run:"
+NAME = "name"
+
+
 def run_name(overrides: dict[str, Any]) -> str:
+  if overrides.get(NAME):
+    return str(overrides[NAME])
   return ",".join(f"{k}={v}" for k, v in overrides.items()).replace("/", "_") or "base"
+
+
+def _parent(overrides: dict[str, Any]) -> str | None:
+  init = overrides.get("init")
+  return init[len(RUN_PREFIX):] if isinstance(init, str) and init.startswith(RUN_PREFIX) else None
+
+
+def order(sweep: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The override sets with every run after the run it starts from (else as given);
+  one-line errors for duplicate names, unknown parents and cycles."""
+  by_name: dict[str, dict[str, Any]] = {}
+  for o in sweep:
+    if run_name(o) in by_name:
+      raise ValueError(f"sweep: two runs named {run_name(o)!r}")
+    by_name[run_name(o)] = o
+  out: list[dict[str, Any]] = []
+
+  def visit(name: str, chain: tuple[str, ...]) -> None:
+    if any(run_name(o) == name for o in out):
+      return
+    if name in chain:
+      raise ValueError(f"sweep: runs {' -> '.join(chain + (name,))} form a cycle")
+    parent = _parent(by_name[name])
+    if parent is not None:
+      if parent not in by_name:
+        raise ValueError(f"sweep run {name!r}: init={RUN_PREFIX}{parent} names no run of this "
+                         f"sweep (runs: {sorted(by_name)})")
+      visit(parent, chain + (name,))
+    out.append(by_name[name])
+
+  for name in by_name:
+    visit(name, ())
+  return out
+
+
+def resolve(overrides: dict[str, Any], workdir: str) -> dict[str, Any]:
+  """Config overrides of one run: without its name, `init: run:<name>` as a directory."""
+  out = {k: v for k, v in overrides.items() if k != NAME}
+  parent = _parent(out)
+  if parent is not None:
+    out["init"] = os.path.join(os.path.abspath(workdir), parent)
+  return out
 
 
 def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -35,14 +88,14 @@ def run_sweep(base: ml_collections.ConfigDict, sweep: Iterable[dict[str, Any]], 
               train_fn: Callable) -> list[dict[str, Any]]:
   """Runs every override set not finished yet; returns one row per run."""
   rows = []
-  for overrides in sweep:
+  for overrides in order(sweep):
     run_dir = os.path.join(workdir, run_name(overrides))
     final = os.path.join(run_dir, "final.json")
     if os.path.exists(final):
       print(f"skip (finished): {run_name(overrides)}")
     else:
       print(f"run: {run_name(overrides)}")
-      train_fn(apply(base, overrides), run_dir)
+      train_fn(apply(base, resolve(overrides, workdir)), run_dir)
     with open(final) as f:
       result = json.load(f)
     rows.append({**overrides, "eval_loss": result.get("eval_loss"), "loss": result.get("loss"),
@@ -72,7 +125,7 @@ def _plots(rows, keys, workdir, title) -> list[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  swept = [k for k in keys if k not in ("eval_loss", "loss", "run")
+  swept = [k for k in keys if k not in ("eval_loss", "loss", "run", NAME)
            and len({str(r.get(k)) for r in rows}) > 1]
   paths = []
   for key in swept or ["run"]:

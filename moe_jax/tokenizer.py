@@ -35,10 +35,6 @@ class Tokenizer:
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
       json.dump({"bos_token_id": self.bos_id, "eos_token_id": self.eos_id}, f)
 
-  @classmethod
-  def load(cls, path: str) -> "Tokenizer":
-    return tokenizer_from_hf_dir(path)
-
 
 def _special_id(tok: tokenizers.Tokenizer, cfg: dict, key: str) -> int | None:
   value = cfg.get(f"{key}_token_id")
@@ -66,11 +62,10 @@ def tokenizer_from_hf_dir(path: str) -> Tokenizer:
   return Tokenizer(tok, ids.get("bos"), ids.get("eos"))
 
 
-def tokenizer_from_gguf(path: str) -> Tokenizer:
-  """Byte-level BPE from a GGUF's `tokenizer.ggml.*` metadata (tokenizer model 'gpt2')."""
-  from moe_jax.convert import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
-  reader = gguf_lib.open_reader(path)
-  field = reader.fields.get
+def tokenizer_from_gguf(fields: dict, path: str) -> Tokenizer:
+  """Byte-level BPE from a GGUF's `tokenizer.ggml.*` metadata (tokenizer model 'gpt2');
+  `fields` is the parsed header's metadata, `path` names the file in errors."""
+  field = fields.get
   kind = field("tokenizer.ggml.model")
   if kind != "gpt2":
     raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported; expected 'gpt2'")
@@ -85,10 +80,3 @@ def tokenizer_from_gguf(path: str) -> Tokenizer:
   tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                           for t, ty in zip(tokens, types) if ty == _CONTROL])
   return Tokenizer(tok, field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"))
-
-
-def load_tokenizer(path: str) -> Tokenizer:
-  """The tokenizer of a checkpoint: a .gguf file, or a directory with tokenizer.json."""
-  if os.path.isfile(path) and path.endswith(".gguf"):
-    return tokenizer_from_gguf(path)
-  return tokenizer_from_hf_dir(path)

@@ -14,7 +14,7 @@ from moe_jax.data import pipeline
 from moe_jax.models import llama
 from moe_jax.moe import expert_parallel
 from moe_jax.moe.config import MoeConfig
-from moe_jax.train import loop, optim, step
+from moe_jax.train import checkpoints as train_ckpt, loop, optim, step
 
 MESHES = [dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2), dict(expert=8)]
 _mesh_id = lambda a: "-".join(f"{k}{v}" for k, v in a.items())
@@ -133,8 +133,8 @@ def test_checkpoint_moves_between_meshes(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _pure(nnx.state(got)), want[0])
   docs = [np.arange(40, dtype=np.int32) % 64] * 4
   data = iter(pipeline.packed_dataset(docs, 16, 8, 0))
-  mngr = loop.checkpoint_manager(str(tmp_path / "state"), keep=1)
-  loop._save(mngr, 1, nnx.state((model, opt)), data, {})
+  mngr = train_ckpt.manager(str(tmp_path / "state"), keep=1)
+  loop._save(mngr, 1, nnx.state((model, opt)), data, {}, tokens_per_step=128)
   mngr.wait_until_finished()
   with nnx.use_eager_sharding(False):  # restore targets: shapes and logical names only
     graphdef, abstract = nnx.split(nnx.eval_shape(
@@ -175,7 +175,7 @@ def test_bad_mesh_fails_before_compiling(tmp_path, monkeypatch, overrides, msg):
   config.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
   config.loop.batch_size = overrides.pop("batch", 8)
   config.mesh.update(**overrides)
-  monkeypatch.setattr(runs.load, "load_tokenizer", lambda *_: pytest.fail("got past checks"))
+  monkeypatch.setattr(runs.init_plan.InitPlan, "build", lambda *_: pytest.fail("got past checks"))
   with pytest.raises(ValueError) as e:
     runs.train(config, str(tmp_path / "run"))
   assert msg in str(e.value) and "\n" not in str(e.value)

@@ -10,7 +10,6 @@ import torch
 import transformers
 
 from moe_jax import evaluate, runs
-from moe_jax import tokenizer as tokenizer_lib
 from moe_jax.convert import gguf, load
 from moe_jax.data import corpus
 from configs import evaluate as eval_config
@@ -60,7 +59,7 @@ def test_logits_match_transformers(hf_model, ours):
 
 
 def test_tokenizer_matches_transformers(hf_tokenizer):
-  tok = tokenizer_lib.tokenizer_from_gguf(PATH)
+  tok = load.load_tokenizer(PATH)
   code = open(corpus.stdlib_files()[0], encoding="utf-8").read()
   samples = [corpus.embedded_eval_text()[:50000], code, "x  \t\n\n 12345 6.02e23 ÄÖü ß 🤗 日本",
              "<|im_start|>user\nhi<|im_end|>"]
@@ -74,7 +73,7 @@ def test_perplexity_matches_transformers(hf_model, tmp_path):
   config = eval_config.get_config()
   config.seq_len, config.max_windows, config.batch_size = 256, 4, 2
   result = runs.evaluate(config, str(tmp_path))
-  ids = tokenizer_lib.tokenizer_from_gguf(PATH).encode(corpus.embedded_eval_text())
+  ids = load.load_tokenizer(PATH).encode(corpus.embedded_eval_text())
   windows = torch.as_tensor(evaluate.make_windows(ids, 256, 4), dtype=torch.long)
   with torch.no_grad():
     logp = torch.log_softmax(hf_model(windows).logits[:, :-1].float(), -1)

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 from moe_jax import checkpoint
 from moe_jax.config import ModelConfig
-from moe_jax.convert import hf_names
+from moe_jax.convert import hf_names, load
 
 FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe")
 _ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -105,10 +105,9 @@ def hf_tensors(model, fmt: str) -> dict[str, np.ndarray]:
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     w = np.asarray(var.get_value(), np.float32)
-    sub = path[-1]
     if path[-2:] == ("mlp", "w_down") and path[1] in cfg.moe_layer_ids:
       w = w * moe.topk_scaling_factor  # fold the routing scale into the experts
-    if sub in ("w_gate", "w_up", "w_down") and path[1] in cfg.moe_layer_ids:
+    if hf_names.is_stacked_expert(cfg, path):
       for e in range(w.shape[0]):
         name, value = hf_names.to_hf(cfg, path, w, e)
         out[name] = value
@@ -135,19 +134,17 @@ def _fill_qwen2_defaults(cfg: ModelConfig, out: dict[str, np.ndarray]) -> None:
       out[mlp + "shared_expert_gate.weight"] = np.zeros((1, d), np.float32)
 
 
-def export(checkpoint_dir: str, out_dir: str, fmt: str, overwrite: bool = False) -> str:
-  """Writes safetensors + config.json (+ tokenizer.json) that transformers loads as `fmt`."""
-  if not checkpoint.is_checkpoint(checkpoint_dir):
-    raise FileNotFoundError(f"{checkpoint_dir}: not a moe_jax checkpoint ({checkpoint.MARKER} missing)")
-  cfg = ModelConfig.from_dict(checkpoint.read_meta(checkpoint_dir)["model"])
-  check_exportable(cfg, fmt)
-  model = checkpoint.load(checkpoint_dir)
+def export(checkpoint_path: str, out_dir: str, fmt: str, overwrite: bool = False) -> str:
+  """Writes safetensors + config.json (+ tokenizer) that transformers loads as `fmt`, from
+  any MoE checkpoint the loader reads (a train workdir or step, a moe_jax directory, an
+  HF MoE directory)."""
+  src = load.open_source(checkpoint_path)
+  check_exportable(src.cfg, fmt)
+  model = src.model()
   with checkpoint.atomic_dir(out_dir, overwrite) as tmp:
     save_file(hf_tensors(model, fmt), os.path.join(tmp, "model.safetensors"),
               metadata={"format": "pt"})
-    checkpoint.write_json_atomic(os.path.join(tmp, "config.json"), hf_config(cfg, fmt))
-    tok = os.path.join(checkpoint_dir, "tokenizer.json")
-    if os.path.exists(tok):
-      with open(tok) as src, open(os.path.join(tmp, "tokenizer.json"), "w") as dst:
-        dst.write(src.read())
+    checkpoint.write_json_atomic(os.path.join(tmp, "config.json"), hf_config(src.cfg, fmt))
+    if src.has_tokenizer():
+      src.tokenizer().save(tmp)
   return out_dir

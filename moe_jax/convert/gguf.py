@@ -158,13 +158,10 @@ def open_reader(path: str) -> GgufFile:
 
 
 
-def read_gguf_config(path: str) -> dict[str, Any]:
-  """A transformers-style config.json dict for the GGUF's model."""
-  return _config(open_reader(path), path)
-
-
-def _config(reader: GgufFile, path: str) -> dict[str, Any]:
-  """read_gguf_config on an open file."""
+def read_gguf_config(path: str, reader: GgufFile | None = None) -> dict[str, Any]:
+  """A transformers-style config.json dict for the GGUF's model (from `reader`, the
+  file's parsed header, when the caller has it)."""
+  reader = reader or open_reader(path)
   field = reader.fields.get
   arch = field("general.architecture")
   if arch != "llama":
@@ -212,11 +209,12 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+def iter_gguf_tensors(path: str, reader: GgufFile | None = None
+                      ) -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, float32 array in HF [out, in] layout), dequantised one tensor at a time."""
   import gguf  # pylint: disable=g-import-not-at-top
-  reader = open_reader(path)
-  cfg = _config(reader, path)
+  reader = reader or open_reader(path)
+  cfg = read_gguf_config(path, reader)
   for t in reader.tensors:
     try:
       name = hf_name(t.name)

@@ -14,6 +14,14 @@ from moe_jax.config import ModelConfig, RopeScaling
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
+# Per architecture ("*": all of them), {canonical key: other names of it}, as transformers'
+# configuration classes' `attribute_map`s have them: Mixtral and Qwen3-MoE (as transformers 5.23
+# writes it) store `num_local_experts`; hub Qwen3-MoE configs and Qwen2-MoE have `num_experts`.
+KEY_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "*": {},
+    "mixtral": {"num_experts": ("num_local_experts",)},
+    "qwen3_moe": {"num_experts": ("num_local_experts",)},
+}
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -39,11 +47,27 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
   return theta, RopeScaling(rope_type=rope_type, **keep)
 
 
+def canonical_keys(hf: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
+  """`hf` with each KEY_ALIASES alias of its model_type renamed to the canonical key; a
+  one-line error if the names of one key disagree."""
+  out = dict(hf)
+  aliases = {**KEY_ALIASES["*"], **KEY_ALIASES.get(hf.get("model_type"), {})}
+  for key, names in aliases.items():
+    found = [(n, out.pop(n)) for n in (key, *names) if n in out]
+    if any(v != found[0][1] for _, v in found):
+      given = " and ".join(f"{n}={v!r}" for n, v in found)
+      raise ValueError(f"{source}: {given} are one key ({key!r}) with two values")
+    if found:
+      out[key] = found[0][1]
+  return out
+
+
 def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
   """ModelConfig for a transformers config dict of a supported architecture."""
   arch = hf.get("model_type")
   if arch not in ARCHS:
     raise ValueError(f"{source}: model_type={arch!r} is not supported; expected one of {ARCHS}")
+  hf = canonical_keys(hf, source)
   act = hf.get("hidden_act", "silu")
   if act != "silu":
     raise ValueError(f"{source}: hidden_act={act!r}; only 'silu' (SwiGLU) is supported")
@@ -71,12 +95,13 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
 
 
 def _moe_config(hf: dict[str, Any], arch: str, source: str):
-  """MoeConfig of an HF MoE family (dropless routing, as their forward passes are)."""
+  """MoeConfig of an HF MoE family (dropless routing, as their forward passes are), from a
+  config with canonical keys (canonical_keys)."""
   if arch not in ("mixtral", "qwen2_moe", "qwen3_moe"):
     return None
   from moe_jax.moe.config import MoeConfig  # pylint: disable=g-import-not-at-top
   if arch == "mixtral":
-    return MoeConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+    return MoeConfig(num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],
                      expert_dim=hf["intermediate_size"], router="topk_softmax")
   n = hf["num_hidden_layers"]
   step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
@@ -92,6 +117,7 @@ def _moe_config(hf: dict[str, Any], arch: str, source: str):
 
 
 def read_hf_config(path: str, **overrides) -> ModelConfig:
+  """ModelConfig of the HF checkpoint directory `path` (its config.json)."""
   cfg_path = os.path.join(path, "config.json")
   return config_from_hf(read_json(cfg_path), cfg_path, **overrides)
 

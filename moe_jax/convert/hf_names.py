@@ -137,6 +137,12 @@ def to_hf(cfg: ModelConfig, path: Path, w: np.ndarray, expert: int | None = None
   return hf_name(cfg, path, expert), rule.to_hf(w if expert is None else w[expert])
 
 
+def is_stacked_expert(cfg: ModelConfig, path: Path) -> bool:
+  """Whether `path` is an MoE layer's [E, ...] stack of routed-expert weights."""
+  return (path[0] == "layers" and path[1] in cfg.moe_layer_ids and path[-2] == "mlp"
+          and path[-1] in ("w_gate", "w_up", "w_down"))
+
+
 def hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
   """The HF-layout shape of a param (or expert slice) of moe_jax shape `shape`."""
   return tuple(rule.to_hf(np.broadcast_to(np.float32(0), shape)).shape)

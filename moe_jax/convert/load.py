@@ -1,22 +1,111 @@
-"""One entry point for every checkpoint a user can name: HF dir, GGUF file, moe_jax dir."""
+"""One entry point for every checkpoint a user can name.
+
+`open_source(path)` decides once what `path` is and reads its config (a GGUF header is
+parsed once): a GGUF file, a Hugging Face directory, a moe_jax checkpoint directory, a
+train workdir (its latest finished step) or one step of it (`<workdir>/checkpoints/<N>`).
+The `Source` it returns builds the model, the tokenizer or an HF-named tensor stream.
+"""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import jax
+import numpy as np
+from flax import nnx
 
 from moe_jax import checkpoint
+from moe_jax import sharding
 from moe_jax import tokenizer as tokenizer_lib
 from moe_jax.config import ModelConfig
-from moe_jax.convert import assemble, gguf, hf
+from moe_jax.convert import assemble, gguf, hf, hf_names
 from moe_jax.models import llama
+from moe_jax.train import checkpoints as train_ckpt
+
+EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 
 
-def checkpoint_kind(path: str) -> str:
-  """'gguf', 'hf' or 'moe_jax'; a one-line error naming the path otherwise."""
-  if not path:
-    path = gguf.embedded_gguf_path()
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A resolved checkpoint. `path` is the file or directory read (for a train run, the
+  step directory); `meta` holds the moe_jax provenance (empty for HF and GGUF)."""
+  kind: str                              # gguf | hf | moe_jax | train
+  path: str
+  cfg: ModelConfig
+  meta: dict[str, Any]
+  header: gguf.GgufFile | None = None    # a GGUF's parsed header
+
+  @property
+  def is_moe(self) -> bool:
+    return self.cfg.moe is not None
+
+  @property
+  def tokenizer_dir(self) -> str:
+    return train_ckpt.workdir_of(self.path) if self.kind == "train" else self.path
+
+  def has_tokenizer(self) -> bool:
+    return self.kind == "gguf" or os.path.isfile(os.path.join(self.tokenizer_dir,
+                                                              "tokenizer.json"))
+
+  def tokenizer(self) -> tokenizer_lib.Tokenizer:
+    if self.kind == "gguf":
+      return tokenizer_lib.tokenizer_from_gguf(self.header.fields, self.path)
+    return tokenizer_lib.tokenizer_from_hf_dir(self.tokenizer_dir)
+
+  def model(self, mesh: jax.sharding.Mesh | None = None, **overrides) -> llama.Transformer:
+    """The model, its params placed (sharded over `mesh` when given) as they are read.
+    `overrides` replace ModelConfig fields (dtype="bfloat16", moe=...)."""
+    cfg = self.cfg.replace(**overrides)
+    if self.kind == "moe_jax":
+      return checkpoint.load(self.path, mesh, **overrides)
+    if self.kind == "train":
+      graphdef, state = nnx.split(llama.abstract(cfg))
+      pure = train_ckpt.restore_model(self.path, sharding.abstract_arrays(state, mesh))
+      nnx.replace_by_pure_dict(state, pure)
+      return nnx.merge(graphdef, state)
+    return assemble.model_from_tensors(cfg, self.tensors(), mesh)
+
+  def tensors(self) -> Iterator[tuple[str, np.ndarray, str]]:
+    """(HF name, float32 array, file) one tensor at a time: streamed from GGUF and
+    safetensors, from the loaded model for moe_jax and train checkpoints."""
+    if self.kind == "gguf":
+      return ((n, w, self.path) for n, w in gguf.iter_gguf_tensors(self.path, self.header))
+    if self.kind == "hf":
+      return hf.iter_safetensors(self.path)
+    return _model_tensors(self.model(), self.path)
+
+  def sha256(self) -> str:
+    return sha256_path(self.path)
+
+  def describe(self) -> dict[str, Any]:
+    """Provenance of this source as an init: where, what, its hash and its own history."""
+    out = {"source": self.path, "kind": self.kind, "sha256": self.sha256()}
+    if self.meta.get("provenance"):
+      out["provenance"] = self.meta["provenance"]
+    for key in ("step", "tokens_seen"):
+      if key in self.meta:
+        out[key] = self.meta[key]
+    return out
+
+
+def _model_tensors(model: llama.Transformer, source: str):
+  cfg = model.cfg
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    w = np.asarray(var.get_value(), np.float32)
+    stacked = hf_names.is_stacked_expert(cfg, path)
+    for e in range(w.shape[0]) if stacked else (None,):
+      yield (*hf_names.to_hf(cfg, path, w, e), source)
+
+
+def kind_of(path: str) -> str:
+  """'gguf', 'hf', 'moe_jax' or 'train'; a one-line error naming the path otherwise."""
   if not os.path.exists(path):
+    if train_ckpt.is_step_dir(path):
+      train_ckpt.resolve(path)  # says whether the step is being written or absent
     raise FileNotFoundError(f"{path}: checkpoint not found")
   if os.path.isfile(path):
     if path.endswith(".gguf"):
@@ -24,44 +113,69 @@ def checkpoint_kind(path: str) -> str:
     raise ValueError(f"{path}: expected a .gguf file or a checkpoint directory")
   if checkpoint.is_checkpoint(path):
     return "moe_jax"
+  if train_ckpt.is_workdir(path) or train_ckpt.is_step_dir(path):
+    return "train"
   if os.path.isfile(os.path.join(path, "config.json")):
     return "hf"
-  raise ValueError(f"{path}: expected a Hugging Face directory (config.json + safetensors) "
-                   f"or a moe_jax checkpoint ({checkpoint.MARKER})")
+  raise ValueError(f"{path}: expected a Hugging Face directory (config.json + safetensors), "
+                   f"a moe_jax checkpoint ({checkpoint.MARKER}), a train workdir "
+                   f"({train_ckpt.CHECKPOINTS}/<step>) or a .gguf file")
+
+
+def open_source(path: str = "") -> Source:
+  """The checkpoint `path` names ('' = the embedded SmolLM2-135M-Instruct GGUF)."""
+  path = os.path.abspath(path) if path else gguf.embedded_gguf_path()
+  kind = kind_of(path)
+  if kind == "gguf":
+    header = gguf.open_reader(path)
+    return Source(kind, path, hf.config_from_hf(gguf.read_gguf_config(path, header), path),
+                  {}, header)
+  if kind == "hf":
+    return Source(kind, path, hf.read_hf_config(path), {})
+  if kind == "train":
+    path = train_ckpt.resolve(path)
+    meta = train_ckpt.read_meta(path)
+  else:
+    meta = checkpoint.read_meta(path)
+  if "model" not in meta:
+    raise ValueError(f"{path}: checkpoint metadata has no 'model' config")
+  return Source(kind, path, ModelConfig.from_dict(meta["model"]), meta)
 
 
 def read_config(path: str, **overrides) -> ModelConfig:
-  path = path or gguf.embedded_gguf_path()
-  kind = checkpoint_kind(path)
-  if kind == "gguf":
-    return hf.config_from_hf(gguf.read_gguf_config(path), path, **overrides)
-  if kind == "hf":
-    return hf.read_hf_config(path, **overrides)
-  return ModelConfig.from_dict(checkpoint.read_meta(path)["model"]).replace(**overrides)
+  return open_source(path).cfg.replace(**overrides)
 
 
 def load_model(path: str = "", mesh: jax.sharding.Mesh | None = None, **overrides
-               ) -> tuple[llama.Transformer, tokenizer_lib.Tokenizer]:
-  """Model and tokenizer (None if the checkpoint has none) from `path` ('' = the embedded
-  SmolLM2-135M-Instruct GGUF).
-
-  `overrides` replace ModelConfig fields (e.g. dtype="bfloat16").
-  """
-  path = path or gguf.embedded_gguf_path()
-  cfg = read_config(path, **overrides)
-  kind = checkpoint_kind(path)
-  if kind == "moe_jax":
-    model = checkpoint.load(path, mesh, **overrides)
-  elif kind == "gguf":
-    model = assemble.model_from_tensors(
-        cfg, ((n, w, path) for n, w in gguf.iter_gguf_tensors(path)), mesh)
-  else:
-    model = assemble.model_from_tensors(cfg, hf.iter_safetensors(path), mesh)
-  has_tokenizer = kind == "gguf" or os.path.isfile(os.path.join(path, "tokenizer.json"))
-  return model, (load_tokenizer(path) if has_tokenizer else None)
+               ) -> tuple[llama.Transformer, tokenizer_lib.Tokenizer | None]:
+  """Model and tokenizer (None if the checkpoint has none) of `path`; `overrides`
+  replace ModelConfig fields (e.g. dtype="bfloat16")."""
+  src = open_source(path)
+  return src.model(mesh, **overrides), (src.tokenizer() if src.has_tokenizer() else None)
 
 
 def load_tokenizer(path: str = "") -> tokenizer_lib.Tokenizer:
-  path = path or gguf.embedded_gguf_path()
-  checkpoint_kind(path)  # a one-line error for a bad path
-  return tokenizer_lib.load_tokenizer(path)
+  return open_source(path).tokenizer()
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, stamp: tuple) -> str:
+  del stamp  # part of the cache key only
+  h = hashlib.sha256()
+  files = [path] if os.path.isfile(path) else sorted(
+      os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+  for f in files:
+    if os.path.isdir(path):
+      h.update(os.path.relpath(f, path).encode() + b"\0")
+    with open(f, "rb") as fh:
+      for chunk in iter(lambda: fh.read(1 << 24), b""):
+        h.update(chunk)
+  return h.hexdigest()
+
+
+def sha256_path(path: str) -> str:
+  """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
+  files = [path] if os.path.isfile(path) else [
+      os.path.join(r, f) for r, _, names in os.walk(path) for f in names]
+  stamp = tuple(sorted((f, os.path.getsize(f), os.path.getmtime(f)) for f in files))
+  return _sha256_cached(os.path.abspath(path), stamp)

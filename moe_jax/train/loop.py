@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import signal
 import sys
 import time
@@ -26,7 +25,7 @@ from flax import nnx
 from moe_jax import metrics as metrics_lib
 from moe_jax import sharding
 from moe_jax.data import pipeline
-from moe_jax.train import flops, optim, step as step_lib
+from moe_jax.train import checkpoints as train_ckpt, flops, optim, step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,17 +60,11 @@ class Preempted:
     signal.signal(signal.SIGTERM, self._old)
 
 
-def checkpoint_manager(ckpt_dir: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                         create=True)
-  return ocp.CheckpointManager(
-      ckpt_dir, options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
-
-
-def _save(mngr, step: int, state: nnx.State, data_iter, meta: dict, force: bool = False):
+def _save(mngr, step: int, state: nnx.State, data_iter, meta: dict, tokens_per_step: int,
+          force: bool = False):
+  tokens = step * tokens_per_step
+  meta = dict(meta, step=step, tokens_seen=tokens,
+              tokens_seen_total=meta.get("prior_tokens_seen", 0) + tokens)
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
       data=grain.checkpoint.CheckpointSave(data_iter),
@@ -136,7 +129,8 @@ def _progress(total: int, start: int):
 
 def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
           loop: LoopConfig, opt: optim.OptimConfig, workdir: str,
-          mesh: jax.sharding.Mesh | None = None, meta: dict[str, Any] | None = None) -> dict:
+          mesh: jax.sharding.Mesh | None = None, meta: dict[str, Any] | None = None,
+          resume_step: int | None = None) -> dict:
   """Trains `model` in place; resumes from workdir/checkpoints if a checkpoint exists.
 
   With `mesh` (model params already on it) the optimizer state is created sharded like
@@ -157,14 +151,14 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   eval_iter = iter(pipeline.packed_dataset(eval_docs, loop.seq_len, loop.batch_size, loop.seed,
                                            shard_index=shard, shard_count=count, num_epochs=1))
   eval_set = [pipeline.to_batch(b) for _, b in zip(range(loop.eval_batches), eval_iter)]
-  mngr = checkpoint_manager(os.path.join(os.path.abspath(workdir), "checkpoints"), loop.keep)
+  mngr = train_ckpt.manager(workdir, loop.keep)
   state = nnx.state((model, optimizer))
-  start = mngr.latest_step() or 0
+  start = (mngr.latest_step() or 0) if resume_step is None else resume_step
   if start:
     _restore(mngr, start, state, data_iter, mesh)
     nnx.update((model, optimizer), state)
     logging.info("resumed from step %d", start)
-  meta = dict(meta or {}, model=model.cfg.to_dict())
+  meta = dict(meta or {}, format="moe_jax.train", model=model.cfg.to_dict())
   writer = metrics_lib.MetricWriter(workdir)
   flops_per_token = flops.train_flops_per_token(model.cfg, loop.seq_len)
   peak = flops.peak_flops_per_device()
@@ -211,7 +205,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
         bar.set_postfix(loss=f"{loss:.3f}")
       if done % loop.ckpt_every == 0 or done == loop.steps or preempted.flag:
         _save(mngr, done, nnx.state((model, optimizer)), data_iter, meta,
-              force=preempted.flag)
+              loop.batch_size * loop.seq_len, force=preempted.flag)
       if preempted.flag:
         logging.warning("SIGTERM: saved step %d, exiting", done)
         break

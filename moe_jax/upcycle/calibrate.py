@@ -1,4 +1,4 @@
-"""Hidden states at each layer's FFN input, for data-driven router initialisation."""
+"""Hidden states at each layer's FFN input, and the data-driven router inits built on them."""
 from __future__ import annotations
 
 import jax
@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe_jax import evaluate as eval_lib
+from moe_jax.data import corpus
 from moe_jax.models import layers as L
+from moe_jax.upcycle import router_init
 
 
 @nnx.jit
@@ -37,3 +40,28 @@ def prompt_directions(model, prompt_ids: list[list[int]]) -> list[np.ndarray]:
   states = [mlp_inputs(model, jnp.asarray(ids)[None]) for ids in prompt_ids]
   n_layers = len(states[0])
   return [np.stack([np.asarray(s[i][0]).mean(0) for s in states]) for i in range(n_layers)]
+
+
+def data_routers(kind: str, model, tok, spec, layer_ids, *, seed: int = 0, std: float = 0.02,
+                 calib_windows: int = 4, hidden_prompts: str = "",
+                 prompts_key: str = "config.hidden_prompts") -> dict[int, np.ndarray] | None:
+  """Per MoE layer, the [D, E] router a data-driven `kind` gives (None for the drawn
+  kinds): 'kmeans' clusters the FFN inputs of `calib_windows` windows of the held-out
+  stdlib text; 'hidden' uses one '|'-separated prompt per router column (mergekit)."""
+  if kind not in ("kmeans", "hidden"):
+    return None
+  d, repeat = model.cfg.d_model, spec.granularity if spec.method == "virtual_group" else 1
+  rng = np.random.default_rng(seed)
+  init = lambda **kw: router_init.init_router(kind, d, spec.num_experts, rng, std=std,
+                                              repeat=repeat, **kw)
+  if kind == "kmeans":
+    text = "\n".join(corpus.stdlib_documents("valid"))
+    windows = eval_lib.make_windows(tok.encode(text), 256, calib_windows, "calibration text")
+    states = layer_states(model, windows)
+    return {i: init(hidden_NxD=states[i]) for i in layer_ids}
+  prompts = [p for p in hidden_prompts.split("|") if p.strip()]
+  if len(prompts) != spec.num_experts // repeat:
+    raise ValueError(f"{prompts_key}: {len(prompts)} prompts, expected "
+                     f"{spec.num_experts // repeat} (one per router column)")
+  dirs = prompt_directions(model, [tok.encode(p) for p in prompts])
+  return {i: init(directions_RxD=dirs[i] - dirs[i].mean(0, keepdims=True)) for i in layer_ids}

@@ -1,0 +1,109 @@
+"""What a training run starts from, decided once.
+
+`plan(config, workdir)` reads `config.init`, `config.upcycle` and the workdir a single
+time and returns an `InitPlan`: the model config, the tokenizer, where the params come
+from and the provenance the run's checkpoints will carry. Kinds:
+  resume    the workdir has a finished step: the loop restores it;
+  scratch   random params of `config.scratch` (an MoE of that shape with an upcycle spec);
+  continue  a dense checkpoint trained further as it is (upcycle.method=none);
+  upcycle   a dense checkpoint turned into an MoE on the fly by `config.upcycle`;
+  load      an MoE checkpoint (moe_jax, HF MoE, or another train run) trained further.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from moe_jax import checkpoint, sharding
+from moe_jax import tokenizer as tokenizer_lib
+from moe_jax.config import ModelConfig
+from moe_jax.convert import load
+from moe_jax.models import llama
+from moe_jax.train import checkpoints as train_ckpt
+from moe_jax.upcycle import calibrate, convert, methods
+
+KINDS = ("resume", "scratch", "continue", "upcycle", "load")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitPlan:
+  kind: str
+  cfg: ModelConfig                        # the model the run trains
+  tokenizer: tokenizer_lib.Tokenizer
+  source: load.Source | None = None       # where the params come from (None: random)
+  upcycler: convert.Upcycler | None = None
+  provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+  resume_step: int | None = None
+
+  @property
+  def num_experts(self) -> int | None:
+    return self.cfg.moe.num_experts if self.cfg.moe else None
+
+  @property
+  def prior_tokens(self) -> int:
+    """Tokens the init had already seen in training here (0 for outside checkpoints)."""
+    return int(self.source.meta.get("tokens_seen_total", 0)) if self.source else 0
+
+  def build(self, mesh, seed: int = 0) -> llama.Transformer:
+    """The model with its params on `mesh` (a resume's random params are overwritten)."""
+    if self.kind in ("resume", "scratch"):
+      return llama.create(self.cfg, seed, mesh=mesh)
+    if self.kind in ("continue", "load"):
+      return self.source.model(mesh, dtype=self.cfg.dtype)
+    items = convert.upcycle_items(self.source.cfg, self.source.tensors(), self.upcycler)
+    return sharding.place(convert.model_from_items(self.cfg, items), mesh)
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str) -> InitPlan:
+  """The InitPlan of a train config (see the module docstring)."""
+  step_dir = train_ckpt.latest_step_dir(workdir)
+  if step_dir is not None:
+    return _resume(config, step_dir)
+  spec = None if config.upcycle.method == "none" else methods.UpcycleSpec(**config.upcycle)
+  moe_over = ml_collections.ConfigDict(config.moe).to_dict()
+  if config.init == "scratch":
+    tok = load.load_tokenizer("")  # the embedded model's vocabulary
+    dense = ModelConfig(vocab_size=tok.vocab_size, dtype=config.dtype, **config.scratch)
+    cfg = dense if spec is None else convert.moe_model_config(dense, spec, config.layers,
+                                                               **moe_over)
+    return InitPlan("scratch", cfg, tok, provenance=_provenance(config, None, spec))
+  src = load.open_source(config.init)
+  tok = src.tokenizer()
+  if src.is_moe or spec is None:
+    kind = "load" if src.is_moe else "continue"
+    return InitPlan(kind, src.cfg.replace(dtype=config.dtype), tok, src,
+                    provenance=_provenance(config, src, None))
+  cfg = convert.moe_model_config(src.cfg, spec, config.layers, **moe_over)
+  upcycler = convert.Upcycler(spec, cfg, config.router_init, config.router_std, config.loop.seed,
+                              _routers(config, src, tok, spec, cfg.moe_layer_ids))
+  return InitPlan("upcycle", cfg.replace(dtype=config.dtype), tok, src, upcycler,
+                  _provenance(config, src, spec))
+
+
+def _routers(config, src: load.Source, tok, spec, layer_ids):
+  """k-means routers from calibration text (the dense model loaded once); 'hidden' needs
+  prompts, which only the upcycle binary takes."""
+  if config.router_init == "hidden":
+    raise ValueError("config.router_init='hidden': needs prompts; upcycle with "
+                     "experiments.upcycle --config.hidden_prompts, then train from it")
+  if config.router_init != "kmeans":
+    return None
+  return calibrate.data_routers("kmeans", src.model(), tok, spec, layer_ids,
+                                seed=config.loop.seed, std=config.router_std)
+
+
+def _resume(config, step_dir: str) -> InitPlan:
+  src = load.open_source(step_dir)
+  provenance = dict(src.meta.get("provenance", {}), train_config=config.to_dict())
+  return InitPlan("resume", src.cfg, src.tokenizer(), provenance=provenance,
+                  resume_step=int(src.meta["step"]))
+
+
+def _provenance(config, src: load.Source | None, spec) -> dict[str, Any]:
+  return {"init": src.describe() if src else {"source": "scratch"},
+          "upcycle": dataclasses.asdict(spec) if spec else None,
+          "layers": config.layers if spec else None,
+          "router_init": config.router_init if spec else None,
+          "train_config": config.to_dict(), "versions": checkpoint.versions()}
