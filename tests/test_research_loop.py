@@ -25,6 +25,8 @@ from moe_jax.data import pipeline
 from moe_jax.models import llama
 from moe_jax.train import step as step_lib
 
+# One worker runs this module, so the trained fixture is built once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("research_loop")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
 TINY = dict(steps=4, batch_size=2, seq_len=32, log_every=1, eval_every=100, eval_batches=1,
