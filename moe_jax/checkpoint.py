@@ -132,15 +132,19 @@ def scope_prefix(item: str, path: str = "checkpoint") -> tuple:
   raise ValueError(f"{path}: unexpected checkpoint item {scope!r}")
 
 
-def restore_flat(path: str, target: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
+def restore_flat(path: str, target: dict[tuple, jax.ShapeDtypeStruct],
+                 scopes: set[str] | None = None) -> dict[tuple, jax.Array]:
   """Every param of a checkpoint directory as {full path: array}, placed as `target` says
   (shape, dtype, sharding per path). Expert slices are stacked again on the devices:
-  each process reads only the expert items its own devices hold."""
+  each process reads only the expert items its own devices hold. With `scopes` (e.g.
+  {'layer_007'}), only those items are read and `target` holds only their params."""
   params = os.path.join(os.path.abspath(path), "params")
   out: dict[tuple, Any] = {}
   slices: dict[tuple, dict[int, tuple[str, tuple]]] = {}  # stack path -> expert -> item
   with ocp.StandardCheckpointer() as ckptr:
     for name in sorted(os.listdir(params)):
+      if scopes is not None and name.split(".")[0] not in scopes:
+        continue
       tag = name.partition(".")[2]
       prefix, item = scope_prefix(name, path), os.path.join(params, name)
       stored = traverse_util.flatten_dict(ckptr.metadata(item).item_metadata.tree)

@@ -4,6 +4,7 @@ line; sweeps chain runs."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from flax import nnx
 import hf_models
 from configs import chain_upcycle, evaluate as eval_config, train as train_config
 from configs import upcycle as upcycle_config, upcycle_vs_dense
-from moe_jax import evaluate as eval_lib, runs, sweep
+from moe_jax import evaluate as eval_lib, runs, sharding, sweep
 from moe_jax.convert import export_hf, load
 from moe_jax.data import pipeline
 from moe_jax.models import llama
@@ -193,14 +194,16 @@ def test_bad_checkpoints_are_one_line(trained, tmp_path):
       (str(bad / "checkpoints" / "8"), "step 8 is not a finished checkpoint"),
   ]
   for path, msg in cases:  # through the library: every tool reads with open_source
-    with pytest.raises((ValueError, FileNotFoundError), match=msg.replace("(", r"\(")
-                       .replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(msg)):
       load.open_source(path)
+  c = _train_config("none")
+  c.init = cases[0][0]
+  with pytest.raises(ValueError, match=re.escape(cases[0][1])):  # train's init, too
+    runs.train(c, str(tmp_path / "t"))
+  assert not (tmp_path / "t").exists()
   out = tmp_path / "out"
   for module, args in (("evaluate", [f"--config.checkpoint={cases[2][0]}", f"--workdir={out}"]),
-                       ("export_hf", [f"--checkpoint={cases[1][0]}", f"--out={out}"]),
-                       ("train", [f"--config.init={cases[0][0]}", f"--workdir={out}",
-                                  "--config.upcycle.method=none"])):
+                       ("export_hf", [f"--checkpoint={cases[1][0]}", f"--out={out}"])):
     r = _binary(module, *args)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -232,18 +235,16 @@ def test_sweep_chain_dense_then_upcycle(tmp_path):
 
 
 def test_sweep_upcycled_vs_dense_from_the_same_start(tmp_path):
+  """The arms start from one checkpoint and see the same tokens (the chain test above
+  runs the same machinery end to end)."""
   arg = "runlocal,scratch,steps=2,pretrain=2,experts=2"
-  base = _sweep_base(upcycle_vs_dense.get_config(arg))
-  rows = sweep.run_sweep(base, upcycle_vs_dense.sweep(arg), str(tmp_path), runs.train)
-  assert [r["run"] for r in rows] == ["seed", "upcycled", "dense"]
-  first = {}
-  for name in ("upcycled", "dense"):
-    with open(tmp_path / name / "metrics.jsonl") as f:
-      first[name] = json.loads(f.readline())
-    init = load.open_source(str(tmp_path / name)).meta["provenance"]["init"]["source"]
-    assert init == str(tmp_path / "seed" / "checkpoints" / "2")
-  # copy upcycling preserves the function: the same first-batch cross-entropy
-  assert abs(first["upcycled"]["ce"] - first["dense"]["ce"]) <= 1e-5
+  base = upcycle_vs_dense.get_config(arg)
+  ordered = sweep.order(upcycle_vs_dense.sweep(arg))
+  assert [sweep.run_name(o) for o in ordered] == ["seed", "upcycled", "dense"]
+  arms = [sweep.apply(base, sweep.resolve(o, str(tmp_path))) for o in ordered[1:]]
+  assert {a.init for a in arms} == {str(tmp_path / "seed")}
+  assert [a.upcycle.method for a in arms] == ["copy", "none"]
+  assert arms[0].loop == arms[1].loop and arms[0].data == arms[1].data
 
 
 def test_sweep_order_errors():
@@ -253,3 +254,15 @@ def test_sweep_order_errors():
     sweep.order([{"name": "a", "init": "run:b"}, {"name": "b", "init": "run:a"}])
   with pytest.raises(ValueError, match="two runs named 'a'"):
     sweep.order([{"name": "a"}, {"name": "a"}])
+
+
+def test_a_train_step_loads_sharded_like_one_device(trained):
+  """The step restores straight onto a mesh (each param where its logical names say)."""
+  workdir, model = trained["moe"]
+  mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
+  got = load.open_source(workdir).model(mesh)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(got)),
+               nnx.to_pure_dict(nnx.state(model)))
+  w = got.layers[0].mlp.w_up
+  assert w[...].sharding == sharding.variable_sharding(w, mesh)
+  assert len(w[...].sharding.device_set) == 8

@@ -209,13 +209,16 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_tensors(path: str, reader: GgufFile | None = None
+def iter_gguf_tensors(path: str, reader: GgufFile | None = None, prefix: str = ""
                       ) -> Iterator[tuple[str, np.ndarray]]:
-  """(HF name, float32 array in HF [out, in] layout), dequantised one tensor at a time."""
+  """(HF name, float32 array in HF [out, in] layout), dequantised one tensor at a time;
+  with `prefix` (a llama.cpp name prefix such as 'blk.3.'), only those tensors."""
   import gguf  # pylint: disable=g-import-not-at-top
   reader = reader or open_reader(path)
   cfg = read_gguf_config(path, reader)
   for t in reader.tensors:
+    if not t.name.startswith(prefix):
+      continue
     try:
       name = hf_name(t.name)
     except KeyError:

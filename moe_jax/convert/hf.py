@@ -134,14 +134,17 @@ def safetensors_files(path: str) -> list[str]:
   return [single]
 
 
-def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
-  """Yields (tensor name, float32 array, file) one tensor at a time."""
+def iter_safetensors(path: str, prefix: str = "") -> Iterator[tuple[str, np.ndarray, str]]:
+  """Yields (tensor name, float32 array, file) one tensor at a time; with `prefix`, only
+  the tensors whose names start with it (the others are not read)."""
   for file in safetensors_files(path):
     if not os.path.exists(file):
       raise FileNotFoundError(f"{file}: shard listed in {_INDEX} not found")
     try:
       with safe_open(file, framework="numpy") as f:
         for name in f.keys():
+          if not name.startswith(prefix):
+            continue
           yield name, np.asarray(f.get_tensor(name), dtype=np.float32), file
     except (OSError, SafetensorError) as e:
       raise ValueError(f"{file}: cannot read safetensors ({_one_line(e)})") from None

@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from moe_jax import checkpoint
 from moe_jax import sharding
@@ -78,6 +78,25 @@ class Source:
       return hf.iter_safetensors(self.path)
     return _model_tensors(self.model(), self.path)
 
+  def layer(self, i: int) -> dict[tuple, np.ndarray]:
+    """Layer `i`'s params as {path below the layer: float32 array} (experts stacked
+    [E, ...]), read without the rest of the model: for layer-by-layer analyses."""
+    if not 0 <= i < self.cfg.n_layers:
+      raise ValueError(f"{self.path}: layer {i} out of range (the model has "
+                       f"{self.cfg.n_layers} layers)")
+    target = {p: t for p, t in _abstract_flat(self.cfg).items() if p[:2] == ("layers", i)}
+    if self.kind == "moe_jax":
+      flat = checkpoint.restore_flat(self.path, target, scopes={f"layer_{i:03d}"})
+    elif self.kind == "train":
+      flat = traverse_util.flatten_dict(
+          train_ckpt.restore_model(self.path, traverse_util.unflatten_dict(target)))
+    elif self.kind == "hf":
+      flat = _from_hf(self.cfg, hf.iter_safetensors(self.path, f"model.layers.{i}."), target)
+    else:
+      tensors = gguf.iter_gguf_tensors(self.path, self.header, f"blk.{i}.")
+      flat = _from_hf(self.cfg, ((n, w, self.path) for n, w in tensors), target)
+    return {p[2:]: np.asarray(v, np.float32) for p, v in flat.items()}
+
   def sha256(self) -> str:
     return sha256_path(self.path)
 
@@ -99,6 +118,30 @@ def _model_tensors(model: llama.Transformer, source: str):
     stacked = hf_names.is_stacked_expert(cfg, path)
     for e in range(w.shape[0]) if stacked else (None,):
       yield (*hf_names.to_hf(cfg, path, w, e), source)
+
+
+def _abstract_flat(cfg: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
+  return traverse_util.flatten_dict(
+      sharding.abstract_arrays(nnx.state(llama.abstract(cfg)), None))
+
+
+def _from_hf(cfg: ModelConfig, tensors, target: dict[tuple, Any]) -> dict[tuple, np.ndarray]:
+  """The params of `target` from a stream of HF-named tensors (experts stacked)."""
+  out: dict[tuple, np.ndarray] = {}
+  source = "checkpoint"
+  for name, w, source in tensors:
+    m = hf_names.match_stream(cfg, name, source)
+    if m is None or m.path not in target:
+      continue
+    if m.expert is None:
+      out[m.path] = m.rule.to_ours(w)
+    else:
+      out.setdefault(m.path, np.zeros(target[m.path].shape, np.float32))[m.expert] = (
+          m.rule.to_ours(w))
+  missing = sorted(set(target) - set(out), key=str)
+  if missing:
+    raise ValueError(f"{source}: missing tensor {'/'.join(map(str, missing[0]))}")
+  return out
 
 
 def kind_of(path: str) -> str:

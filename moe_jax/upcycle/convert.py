@@ -148,10 +148,3 @@ def model_from_items(cfg: ModelConfig, items: Iterable[tuple[str, dict]]) -> lla
                  for p, v in traverse_util.flatten_dict(tree).items()})
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
   return nnx.merge(graphdef, state)
-
-
-def dense_tensors(model: llama.Transformer) -> Iterator[tuple[str, np.ndarray, str]]:
-  """A loaded dense model's params under their HF names (to upcycle from memory)."""
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name, w = hf_names.to_hf(model.cfg, path, np.asarray(var.get_value(), np.float32))
-    yield name, w, "memory"
