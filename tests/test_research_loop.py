@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
+from flax import nnx, traverse_util
 
 import hf_models
 from configs import chain_upcycle, evaluate as eval_config, train as train_config
 from configs import upcycle as upcycle_config, upcycle_vs_dense
-from moe_jax import evaluate as eval_lib, runs, sharding, sweep
+from moe_jax import checkpoint, evaluate as eval_lib, runs, sharding, sweep
 from moe_jax.convert import export_hf, load
 from moe_jax.data import pipeline
 from moe_jax.models import llama
@@ -266,3 +266,24 @@ def test_a_train_step_loads_sharded_like_one_device(trained):
   w = got.layers[0].mlp.w_up
   assert w[...].sharding == sharding.variable_sharding(w, mesh)
   assert len(w[...].sharding.device_set) == 8
+
+
+def test_one_layer_reads_like_the_whole_model(trained, tmp_path):
+  """Source.layer(i) from train steps, moe_jax, HF and GGUF checkpoints equals layer i of
+  the whole model (what layer-by-layer analyses stream)."""
+  workdir, model = trained["moe"]
+  checkpoint.save(str(tmp_path / "ckpt"), model)
+  hf_dir = export_hf.export(workdir, str(tmp_path / "hf"), "mixtral")
+  want = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))["layers"][1])
+  for path in (workdir, str(tmp_path / "ckpt"), hf_dir):
+    got = load.open_source(path).layer(1)
+    assert sorted(got) == sorted(want), path
+    for p, w in want.items():
+      np.testing.assert_allclose(got[p], np.asarray(w), atol=1e-6, rtol=0, err_msg=str(p))
+  src = load.open_source("")
+  ffn = src.layer(3)[("mlp", "w_gate")]
+  name = "model.layers.3.mlp.gate_proj.weight"
+  ref = dict((n, w) for n, w, _ in src.tensors() if n == name)[name]
+  np.testing.assert_array_equal(ffn, ref.T)
+  with pytest.raises(ValueError, match="layer 30 out of range"):
+    src.layer(30)
