@@ -1,7 +1,8 @@
 """Llama-family decoder in Flax NNX. Modules hold params; math lives in layers.py.
 
 Every parameter carries logical axis names (`out_sharding` metadata); the mapping to
-mesh axes lives only in moe_jax/sharding.py.
+mesh axes lives only in moe_jax/sharding.py. `capture` runs the model once and also returns
+what the blocks record (FFN inputs, routing): see moe_jax/moe/layer.py `sow`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flax import nnx
 from moe_jax import sharding
 from moe_jax.config import ModelConfig
 from moe_jax.models import layers
+from moe_jax.moe import layer as moe_layer
 
 _init = nnx.initializers.normal(0.02)
 
@@ -88,9 +90,8 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = _ones((cfg.d_model,), ("norm",), pd)
     if layer_id in cfg.moe_layer_ids:
-      from moe_jax.moe.layer import MoeBlock  # pylint: disable=g-import-not-at-top
-      self.mlp = MoeBlock(cfg.moe, cfg.d_model, rngs=rngs, param_dtype=pd,
-                          dtype=jnp.dtype(cfg.dtype))
+      self.mlp = moe_layer.MoeBlock(cfg.moe, cfg.d_model, rngs=rngs, param_dtype=pd,
+                                    dtype=jnp.dtype(cfg.dtype))
     else:
       self.mlp = Mlp(cfg, rngs=rngs)
 
@@ -98,8 +99,9 @@ class Block(nnx.Module):
     eps = self.cfg.rms_eps
     x_BxLxD = x_BxLxD + self.attn(layers.rms_norm(x_BxLxD, self.attn_norm[...], eps),
                                   positions_BxL, mask, inv_freq)
-    y_BxLxD, stats = self.mlp(layers.rms_norm(x_BxLxD, self.mlp_norm[...], eps),
-                              train=train, key=key)
+    ffn_in_BxLxD = layers.rms_norm(x_BxLxD, self.mlp_norm[...], eps)
+    moe_layer.sow(self, "ffn_input", ffn_in_BxLxD)
+    y_BxLxD, stats = self.mlp(ffn_in_BxLxD, train=train, key=key)
     x_BxLxD = sharding.constrain(x_BxLxD + y_BxLxD, ("batch", "length", "embed"))
     return x_BxLxD, stats
 
@@ -142,6 +144,27 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt),
                         preferred_element_type=jnp.float32)
     return sharding.constrain(logits, ("batch", "length", "vocab")), {"moe": moe_stats}
+
+
+@nnx.jit
+def capture(model: Transformer, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+            segment_ids_BxL: jax.Array | None = None):
+  """One inference forward pass (train=False) that also returns what the blocks record:
+  (logits_BxLxV, {layer_id: {"ffn_input": x_BxLxD, ...}}), the FFN input after its RMSNorm
+  for every layer, and for MoE layers also "router_logits" and "router_probs" [B, L, E],
+  "experts" [B, L, K] int32 and "expert_weights" [B, L, K]. Logits equal model(...)[0];
+  params, state and plain calls of the model are untouched (nothing is sown outside this)."""
+  (logits_BxLxV, _), state = nnx.capture(model, nnx.Intermediate)(
+      tokens_BxL, positions_BxL, segment_ids_BxL)
+  return logits_BxLxV, _by_layer(nnx.to_pure_dict(state))
+
+
+def _by_layer(captured: dict) -> dict[int, dict[str, jax.Array]]:
+  """{layer_id: {name: value}} from capture's nested {"layers": {i: {..., "mlp": {...}}}}."""
+  out = {}
+  for i, block in captured.get("layers", {}).items():
+    out[int(i)] = {k: v for k, v in block.items() if k != "mlp"} | dict(block.get("mlp", {}))
+  return dict(sorted(out.items()))
 
 
 def create(cfg: ModelConfig, seed: int = 0,

@@ -31,15 +31,35 @@ def _route(logits_TxE, cfg: MoeConfig, bias_E):
   return routers.route(logits_TxE, cfg, bias_E=bias_E)
 
 
-def moe_forward(x_TxD, router_DxE, w_gate, w_up, w_down, cfg: MoeConfig, *,
-                bias_E=None, jitter_key=None, dtype=jnp.float32):
-  """Routed experts only: (y_TxD, stats). Router in float32, experts in `dtype`. With a
-  mesh in context whose `expert` axis is > 1 the dispatch is expert-parallel."""
+def capturing(module: nnx.Module) -> bool:
+  """True only while `nnx.capture(..., nnx.Intermediate)` runs `module` (it gives each
+  module a `__captures__` tuple for the call). Outside it `Module.sow` would instead add an
+  Intermediate attribute, a new variable in nnx.state and so in checkpoints: never sow then."""
+  return any(type(v) is nnx.Intermediate for v in getattr(module, "__captures__", ()))
+
+
+def sow(module: nnx.Module, name: str, value: jax.Array) -> None:
+  """Records `value` under `name` (the last call's value) when a capture runs the model
+  (`moe_jax.models.llama.capture`); otherwise does nothing and traces nothing."""
+  if capturing(module):
+    module.sow(nnx.Intermediate, name, value, reduce_fn=lambda _, v: v)
+
+
+def router_logits(x_TxD, router_DxE, cfg: MoeConfig, jitter_key=None) -> jax.Array:
+  """float32 [T, E] router logits; with `jitter_key` (and cfg.jitter > 0) the input is
+  scaled by uniform noise in [1 - jitter, 1 + jitter] first."""
   x32 = x_TxD.astype(jnp.float32)
   if jitter_key is not None and cfg.jitter > 0:
     x32 = x32 * jax.random.uniform(jitter_key, x32.shape, jnp.float32,
                                    1.0 - cfg.jitter, 1.0 + cfg.jitter)
-  logits_TxE = x32 @ router_DxE.astype(jnp.float32)
+  return x32 @ router_DxE.astype(jnp.float32)
+
+
+def moe_forward(x_TxD, router_DxE, w_gate, w_up, w_down, cfg: MoeConfig, *,
+                bias_E=None, jitter_key=None, dtype=jnp.float32):
+  """Routed experts only: (y_TxD, stats). Router in float32, experts in `dtype`. With a
+  mesh in context whose `expert` axis is > 1 the dispatch is expert-parallel."""
+  logits_TxE = router_logits(x_TxD, router_DxE, cfg, jitter_key)
   if expert_parallel.enabled(x_TxD.shape[0]):
     return expert_parallel.moe_forward_ep(x_TxD, logits_TxE, w_gate, w_up, w_down, cfg,
                                           bias_E=bias_E, dtype=dtype)
@@ -81,7 +101,8 @@ class MoeBlock(nnx.Module):
 
   def __call__(self, x_BxLxD, *, train: bool = False, key: jax.Array | None = None):
     """(y_BxLxD, stats): stats hold aux_loss and z_loss (with coefficients), load_E,
-    dropped_fraction and router_entropy, all float32."""
+    dropped_fraction and router_entropy, all float32. Under a capture it also records its
+    routing (`_sow_routing`); otherwise nothing extra is traced."""
     b, length, d = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(b * length, d)
     key = key if (train and self.cfg.jitter > 0) else None
@@ -89,6 +110,8 @@ class MoeBlock(nnx.Module):
     y_TxD, stats = moe_forward(x_TxD, self.router[...], self.w_gate[...], self.w_up[...],
                                self.w_down[...], self.cfg, bias_E=bias, jitter_key=key,
                                dtype=self.dtype)
+    if capturing(self):
+      self._sow_routing(x_TxD, bias, key, (b, length))
     if self.cfg.shared_expert_dim:
       dt = self.dtype
       xs = x_TxD.astype(dt)
@@ -98,3 +121,14 @@ class MoeBlock(nnx.Module):
         shared = jax.nn.sigmoid(xs @ self.shared_gate[...].astype(dt)) * shared
       y_TxD = y_TxD + shared
     return y_TxD.reshape(b, length, d).astype(x_BxLxD.dtype), stats
+
+  def _sow_routing(self, x_TxD, bias_E, key, shape_BxL) -> None:
+    """Under a capture: this layer's router_logits and router_probs [B, L, E], and the
+    chosen experts (int32) and their combine weights [B, L, K], recomputed from the same
+    inputs with the same functions as moe_forward (so equal to what it routed with)."""
+    logits_TxE = router_logits(x_TxD, self.router[...], self.cfg, key)
+    routing = _route(logits_TxE, self.cfg, bias_E)
+    for name, value in (("router_logits", logits_TxE), ("router_probs", routing.probs_TxE),
+                        ("experts", routing.experts_TxK),
+                        ("expert_weights", routing.weights_TxK)):
+      sow(self, name, value.reshape(*shape_BxL, value.shape[-1]))
