@@ -71,6 +71,33 @@ def evaluate(config, workdir: str) -> dict:
   return result
 
 
+def analyze(config, workdir: str) -> dict:
+  """What the experts of `config.checkpoint` learned: analysis.json, PNGs and report.md,
+  written to a temporary directory and renamed into `workdir` when complete."""
+  from moe_jax.analysis import report, run  # pylint: disable=g-import-not-at-top
+  if not config.checkpoint:
+    raise ValueError("config.checkpoint: required (an MoE checkpoint to analyse)")
+  workdir = os.path.abspath(workdir)
+  if os.path.isdir(workdir) and os.listdir(workdir) and not config.overwrite:
+    raise FileExistsError(f"{workdir}: exists and is not empty (set --config.overwrite=True)")
+  cfg = run.AnalysisConfig(windows=config.windows, seq_len=config.seq_len,
+                           batch_size=config.batch_size, detail_layers=config.detail_layers,
+                           domain_windows=config.domain_windows, prompt=config.prompt)
+  src = load.open_source(config.checkpoint)
+  ref_path = run.reference_from_provenance(src.meta) if config.reference == "" else (
+      None if config.reference == "none" else config.reference)
+  ref = load.open_source(ref_path) if ref_path is not None else None
+  text, text_name = eval_text(config.text_file)
+  result, extra = run.analyze(src, ref, text, cfg, text_name)
+  with checkpoint.atomic_dir(workdir, overwrite=config.overwrite) as tmp:
+    checkpoint.write_json_atomic(os.path.join(tmp, "analysis.json"), result)
+    figures = report.write(result, extra, tmp)
+  print(f"analysed {src.path} ({len(result['layers'])} MoE layers, reference: "
+        f"{result['reference']}): {len(figures)} figures, "
+        f"{os.path.join(os.path.abspath(workdir), 'report.md')}")
+  return result
+
+
 def upcycle(config, workdir: str) -> dict:
   """Dense checkpoint -> MoE checkpoint in `workdir` (streamed), then perplexities."""
   workdir = os.path.abspath(workdir)

@@ -6,17 +6,37 @@ import numpy as np
 from moe_jax.analysis import neurons, weights
 
 
+_ROWS = 4096  # rows per block of the covariance and the projection
+
+
+def _spectrum(points_NxP: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(mean_P, singular values, right singular vectors as rows) of the centred points:
+  by SVD when N <= P (few points, e.g. experts), else from the P x P covariance
+  accumulated in row blocks (many points, e.g. neurons: no N x P float64 copy)."""
+  n, p = points_NxP.shape
+  mean_P = np.mean(points_NxP, axis=0, dtype=np.float64)
+  if n <= p:
+    _, s, vt = np.linalg.svd(np.asarray(points_NxP, np.float64) - mean_P, full_matrices=False)
+    return mean_P, s, vt
+  cov_PxP = np.zeros((p, p))
+  for start in range(0, n, _ROWS):
+    block = np.asarray(points_NxP[start:start + _ROWS], np.float64) - mean_P
+    cov_PxP += block.T @ block
+  eig, vecs = np.linalg.eigh(cov_PxP)
+  order = np.argsort(eig)[::-1]
+  return mean_P, np.sqrt(np.clip(eig[order], 0.0, None)), vecs[:, order].T
+
+
 def principal_axes(points_NxP: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(mean_P, axes_kxP, explained_variance_ratio_k) by SVD of the centred points.
+  """(mean_P, axes_kxP, explained_variance_ratio_k) of the centred points.
 
   Sign convention: each axis's largest-|value| entry is positive, so results are
   deterministic. Missing axes (rank < k) are zero with ratio 0."""
-  x_NxP = np.asarray(points_NxP, np.float64)
-  mean_P = x_NxP.mean(axis=0)
-  _, s, vt = np.linalg.svd(x_NxP - mean_P, full_matrices=False)
-  tol = (s.max() if s.size else 0.0) * max(x_NxP.shape) * np.finfo(np.float64).eps
+  points_NxP = np.asarray(points_NxP)
+  mean_P, s, vt = _spectrum(points_NxP)
+  tol = (s.max() if s.size else 0.0) * max(points_NxP.shape) * np.finfo(np.float64).eps
   m = min(k, int(np.count_nonzero(s > tol)))  # the numerical rank, as np.linalg.matrix_rank
-  axes_kxP = np.zeros((k, x_NxP.shape[1]))
+  axes_kxP = np.zeros((k, points_NxP.shape[1]))
   axes_kxP[:m] = vt[:m]
   big_k = np.argmax(np.abs(axes_kxP), axis=1)
   axes_kxP *= np.where(axes_kxP[np.arange(k), big_k] < 0, -1.0, 1.0)[:, None]
@@ -29,8 +49,11 @@ def principal_axes(points_NxP: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.n
 
 def pca_2d(points_NxP: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(coords_Nx2, explained_variance_ratio_2): the points projected on the top two axes."""
+  points_NxP = np.asarray(points_NxP)
   mean_P, axes_2xP, ratio_2 = principal_axes(points_NxP, 2)
-  return (np.asarray(points_NxP, np.float64) - mean_P) @ axes_2xP.T, ratio_2
+  coords = [(np.asarray(points_NxP[i:i + _ROWS], np.float64) - mean_P) @ axes_2xP.T
+            for i in range(0, len(points_NxP), _ROWS)]
+  return np.concatenate(coords) if coords else np.zeros((0, 2)), ratio_2
 
 
 def expert_points(w_ExAxB: np.ndarray, reference_AxB: np.ndarray | None = None) -> np.ndarray:

@@ -120,7 +120,9 @@ def _model_tensors(model: llama.Transformer, source: str):
       yield (*hf_names.to_hf(cfg, path, w, e), source)
 
 
+@functools.lru_cache(maxsize=4)
 def _abstract_flat(cfg: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
+  """Every param's shape and dtype (single device), traced once per config."""
   return traverse_util.flatten_dict(
       sharding.abstract_arrays(nnx.state(llama.abstract(cfg)), None))
 
