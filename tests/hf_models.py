@@ -26,8 +26,13 @@ def make_config(arch: str, **kw) -> transformers.PretrainedConfig:
 def make_model(arch: str, seed: int = 0, **kw) -> transformers.PreTrainedModel:
   """A random model with all weights (norms and biases too) perturbed to O(0.1-1)."""
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(make_config(arch, **kw),
-                                                        dtype=torch.float32).eval()
+  return perturb(transformers.AutoModelForCausalLM.from_config(make_config(arch, **kw),
+                                                               dtype=torch.float32).eval())
+
+
+def perturb(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
+  """`model` with every weight redrawn at O(0.1-1): norms near 1, biases O(0.2), matrices
+  N(0, 1/fan_in), so that mistakes anywhere show in the logits."""
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+
+import hf_models
 from flax import nnx
 from scipy.spatial.distance import jensenshannon
 
@@ -92,13 +94,7 @@ def _hf_mixtral(path):
                                    num_key_value_heads=2, num_local_experts=4,
                                    num_experts_per_tok=2, max_position_embeddings=64)
   model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(torch.randn_like(p) / np.sqrt(p.shape[-1]))
-  model.save_pretrained(path)
+  hf_models.perturb(model).save_pretrained(path)
   return model
 
 

@@ -77,13 +77,7 @@ def _tiny_qwen3_moe(path: str, seed: int = 0):
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(cls(**SMALL, **moe),
                                                         dtype=torch.float32).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(torch.randn_like(p) / np.sqrt(p.shape[-1]))
-  model.save_pretrained(path)
+  hf_models.perturb(model).save_pretrained(path)
   return model
 
 

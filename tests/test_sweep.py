@@ -4,30 +4,37 @@ import os
 import subprocess
 import sys
 
+from configs import sweep_experts
+from moe_jax import runs, sweep
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+OVERRIDES = {"init": "scratch", "layers": "all", "loop.steps": 3, "loop.seq_len": 32,
+             "data.max_docs": 10, "loop.eval_batches": 1, "optim.total_steps": 3}
 
 
 def _sweep(workdir):
   return subprocess.run(
       [sys.executable, "-m", "experiments.sweep", "--config=configs/sweep_experts.py:runlocal",
-       f"--workdir={workdir}", "--config.init=scratch", "--config.layers=all",
-       "--config.loop.steps=3", "--config.loop.seq_len=32", "--config.data.max_docs=10",
-       "--config.loop.eval_batches=1", "--config.optim.total_steps=3"],
+       f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()],
       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def test_sweep_experts_runlocal(tmp_path):
-  r = _sweep(tmp_path)
-  assert r.returncode == 0, r.stderr
-  runs = sorted(d for d in os.listdir(tmp_path) if d.startswith("upcycle"))
-  assert runs == ["upcycle.method=copy,upcycle.num_experts=2,upcycle.top_k=2",
-                  "upcycle.method=copy,upcycle.num_experts=4,upcycle.top_k=2",
-                  "upcycle.method=none"]
+  """The runs in process (the function the binary calls), then the binary: every run
+  finished is skipped, and the results are written from their final.json files."""
+  base = sweep.apply(sweep_experts.get_config("runlocal"), OVERRIDES)
+  base.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
+  rows = sweep.run_sweep(base, sweep_experts.sweep("runlocal"), str(tmp_path), runs.train)
+  assert len(rows) == 3 and all(r["eval_loss"] > 0 for r in rows)
+  names = sorted(d for d in os.listdir(tmp_path) if d.startswith("upcycle"))
+  assert names == ["upcycle.method=copy,upcycle.num_experts=2,upcycle.top_k=2",
+                   "upcycle.method=copy,upcycle.num_experts=4,upcycle.top_k=2",
+                   "upcycle.method=none"]
+  again = _sweep(tmp_path)
+  assert again.returncode == 0 and again.stdout.count("skip (finished)") == 3, again.stderr
   csv = (tmp_path / "results.csv").read_text().splitlines()
   assert csv[0].startswith("upcycle.method,") and len(csv) == 4
   assert "eval_loss" in (tmp_path / "results.md").read_text()
   pngs = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
   assert pngs and all((tmp_path / p).stat().st_size > 1000 for p in pngs)
-  again = _sweep(tmp_path)
-  assert again.returncode == 0 and again.stdout.count("skip (finished)") == 3

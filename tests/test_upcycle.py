@@ -71,8 +71,8 @@ def test_smollm2_upcycle_preserves_function():
   tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (1, 32)))
   base = np.asarray(src.model()(tokens)[0])
   tensors = list(src.tensors())
-  for kw in (dict(method="copy", num_experts=8, top_k=2),
-             dict(method="virtual_group", num_experts=8, top_k=4, granularity=4)):
+  # copy is checked through the model on the tiny llama and on all 30 layers by the demo
+  for kw in (dict(method="virtual_group", num_experts=8, top_k=4, granularity=4),):
     out = upcycled_logits(tensors, cfg, tokens, layers="0,15,29", **kw)
     assert np.abs(out - base).max() <= 1e-4, kw
 
