@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models(tmp_path_factory):
   """A dense scratch model trained 3 steps, and its copy and drop (r=0.5) upcycles."""
   root = tmp_path_factory.mktemp("analyze")

@@ -26,7 +26,7 @@ from moe_jax.data import pipeline
 from moe_jax.models import llama
 from moe_jax.train import step as step_lib
 
-# One worker runs this module, so the trained fixture is built once (make test: --dist loadgroup).
+# One worker runs this module, so its session fixtures are built once (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("research_loop")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
@@ -45,7 +45,7 @@ def _train_config(method: str, **loop):
   return c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
   """A tiny scratch MoE and a dense model, each 4 steps; the final models in memory."""
   root = tmp_path_factory.mktemp("loop")

@@ -14,22 +14,25 @@ from moe_jax.convert import gguf, load
 from moe_jax.data import corpus
 from configs import evaluate as eval_config
 
+# One worker runs this module, so its session fixtures are built once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("smollm2")
+
 PATH = gguf.embedded_gguf_path()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_model():
   return transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(PATH), gguf_file=os.path.basename(PATH), dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_tokenizer():
   return transformers.AutoTokenizer.from_pretrained(os.path.dirname(PATH),
                                                     gguf_file=os.path.basename(PATH))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ours():
   return load.load_model("")
 
