@@ -220,7 +220,7 @@ def _sweep_base(config):
 
 def test_sweep_chain_dense_then_upcycle(tmp_path):
   """One command: dense n steps, then that checkpoint upcycled (and dense) m more."""
-  arg = "runlocal,scratch,n=3,m=2,experts=2"
+  arg = "runlocal,scratch,n=2,m=2,experts=2"  # n = m: the two dense runs share one compile
   base = _sweep_base(chain_upcycle.get_config(arg))
   order = [sweep.run_name(o) for o in sweep.order(chain_upcycle.sweep(arg))]
   assert order == ["dense", "moe", "dense_more"]
@@ -228,8 +228,8 @@ def test_sweep_chain_dense_then_upcycle(tmp_path):
   assert [r["run"] for r in rows] == order
   moe = load.open_source(str(tmp_path / "moe"))
   assert moe.is_moe and moe.meta["step"] == 2
-  assert moe.meta["provenance"]["init"]["source"] == str(tmp_path / "dense" / "checkpoints" / "3")
-  assert moe.meta["tokens_seen_total"] == (3 + 2) * 2 * 32
+  assert moe.meta["provenance"]["init"]["source"] == str(tmp_path / "dense" / "checkpoints" / "2")
+  assert moe.meta["tokens_seen_total"] == (2 + 2) * 2 * 32
   assert not load.open_source(str(tmp_path / "dense_more")).is_moe
 
 
