@@ -119,10 +119,9 @@ def prompt_routing(model, tok, prompt: str, shown: list[int]) -> dict[str, Any]:
   return {"tokens": [tok.decode([t]) for t in ids], "weights": weights}
 
 
-def _captures(src: load.Source, windows_NxL, cfg: AnalysisConfig, shown: list[int]):
+def _captures(src: load.Source, tok, windows_NxL, cfg: AnalysisConfig, shown: list[int]):
   """What the dynamic analyses need from running the model, after which it is freed:
   the captured layers on the text, the loads by domain, a prompt's routing."""
-  tok = src.tokenizer()
   model = src.model(moe=dataclasses.replace(src.cfg.moe, backend="dropless"))
   cap = capture(model, windows_NxL, cfg.batch_size)
   domains = domain_pass(model, tok, cfg) if cfg.domain_windows else {}
@@ -142,9 +141,9 @@ def analyze(src: load.Source, ref: load.Source | None, text: str, cfg: AnalysisC
   shown = detail_layers(cfg.detail_layers, src.cfg.moe_layer_ids)
   cap, domains, extra = {}, {}, {"pca": {}, "shown_layers": shown}
   if cfg.windows:  # a text too short fails before any work
-    windows = eval_lib.make_windows(src.tokenizer().encode(text), cfg.seq_len, cfg.windows,
-                                    text_name)
-    cap, domains, extra["prompt_routing"] = _captures(src, windows, cfg, shown)
+    tok = src.tokenizer()
+    windows = eval_lib.make_windows(tok.encode(text), cfg.seq_len, cfg.windows, text_name)
+    cap, domains, extra["prompt_routing"] = _captures(src, tok, windows, cfg, shown)
   e = src.cfg.moe.num_experts
   result = {"checkpoint": src.path, "kind": src.kind, "reference": ref.path if ref else None,
             "num_experts": e, "tokens": int(windows.size) if cfg.windows else 0, "layers": {}}

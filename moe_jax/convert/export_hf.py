@@ -101,22 +101,19 @@ def hf_config(cfg: ModelConfig, fmt: str) -> dict[str, Any]:
 def hf_tensors(model, fmt: str) -> dict[str, np.ndarray]:
   """All params as HF-named, HF-layout float32 arrays."""
   cfg = model.cfg.replace(arch=fmt)
-  moe = cfg.moe
-  out = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    w = np.asarray(var.get_value(), np.float32)
-    if path[-2:] == ("mlp", "w_down") and path[1] in cfg.moe_layer_ids:
-      w = w * moe.topk_scaling_factor  # fold the routing scale into the experts
-    if hf_names.is_stacked_expert(cfg, path):
-      for e in range(w.shape[0]):
-        name, value = hf_names.to_hf(cfg, path, w, e)
-        out[name] = value
-      continue
-    name, value = hf_names.to_hf(cfg, path, w)
-    out[name] = value
+  params = ((path, _folded(cfg, path, np.asarray(var.get_value(), np.float32)))
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  out = dict(hf_names.param_tensors(cfg, params))
   if fmt == "qwen2_moe":
     _fill_qwen2_defaults(cfg, out)
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _folded(cfg: ModelConfig, path, w: np.ndarray) -> np.ndarray:
+  """The routing scale folded into an MoE layer's expert down projections."""
+  if path[-2:] == ("mlp", "w_down") and path[1] in cfg.moe_layer_ids:
+    return w * cfg.moe.topk_scaling_factor
+  return w
 
 
 def _fill_qwen2_defaults(cfg: ModelConfig, out: dict[str, np.ndarray]) -> None:

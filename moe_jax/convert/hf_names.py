@@ -8,7 +8,7 @@ Names use `{L}` for the layer index and `{E}` for the expert index.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -141,6 +141,14 @@ def is_stacked_expert(cfg: ModelConfig, path: Path) -> bool:
   """Whether `path` is an MoE layer's [E, ...] stack of routed-expert weights."""
   return (path[0] == "layers" and path[1] in cfg.moe_layer_ids and path[-2] == "mlp"
           and path[-1] in ("w_gate", "w_up", "w_down"))
+
+
+def param_tensors(cfg: ModelConfig, params) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, HF-layout array) for (path, array) pairs of a model's params, each routed
+  expert of a stacked [E, ...] param as its own tensor."""
+  for path, w in params:
+    for e in range(w.shape[0]) if is_stacked_expert(cfg, path) else (None,):
+      yield to_hf(cfg, path, w, e)
 
 
 def hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:

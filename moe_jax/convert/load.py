@@ -112,12 +112,9 @@ class Source:
 
 
 def _model_tensors(model: llama.Transformer, source: str):
-  cfg = model.cfg
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    w = np.asarray(var.get_value(), np.float32)
-    stacked = hf_names.is_stacked_expert(cfg, path)
-    for e in range(w.shape[0]) if stacked else (None,):
-      yield (*hf_names.to_hf(cfg, path, w, e), source)
+  params = ((p, np.asarray(v.get_value(), np.float32))
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  return ((name, w, source) for name, w in hf_names.param_tensors(model.cfg, params))
 
 
 @functools.lru_cache(maxsize=4)
