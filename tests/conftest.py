@@ -8,7 +8,9 @@ A cached executable is the same program, so bitwise checks (exact resume) are un
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import subproc
+
+os.environ.setdefault("XLA_FLAGS", subproc.xla_flags(devices=8))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

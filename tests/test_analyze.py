@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+import subproc
+
 from configs import analyze as analyze_config, train as train_config
 from configs import upcycle as upcycle_config
 from moe_jax import runs
@@ -16,7 +18,7 @@ from moe_jax.convert import gguf, load
 
 pytestmark = pytest.mark.xdist_group("analyze")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ENV = subproc.env()
 
 
 @pytest.fixture(scope="session")

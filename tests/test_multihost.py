@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+import subproc
 from moe_jax import distributed, launch, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,11 +70,7 @@ def _free_port() -> int:
 def _launch(workdir, runs: str, n: int, devices: int, mesh_axis: str, upcycled: str = "") -> list:
   """`n` worker processes with `devices` CPU devices each; `runs` = '2,4': train to step 2,
   then in the same processes from fresh params to step 4 (restoring step 2)."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-             "--xla_backend_optimization_level=0")  # compile 2x faster; results within 1e-6
-  for k in list(env):
-    if k.startswith("MOE_JAX_") or k.startswith("TPU_"):
-      del env[k]
+  env = subproc.env(devices, drop=("MOE_JAX_", "TPU_"))
   port = _free_port()
   return [subprocess.Popen([sys.executable, "-c", WORKER, str(workdir), runs, str(n),
                             str(pid), str(port), mesh_axis, upcycled], cwd=ROOT, env=env,
@@ -138,7 +135,7 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 def test_bad_distributed_flags_are_one_line(tmp_path):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("MOE_JAX_", "XLA_FLAGS"))}
+  env = subproc.env(drop=("MOE_JAX_",))
   r = subprocess.run([sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'run'}",
                       "--num_processes=2", "--coordinator=127.0.0.1:1"], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=120)

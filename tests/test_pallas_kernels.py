@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from hypothesis import example, given, settings, strategies as st
 
+import subproc
 from moe_jax.config import ModelConfig
 from moe_jax.models import llama
 from moe_jax.moe import dispatch, layer, routers
@@ -247,7 +248,7 @@ def test_auto_backend_and_targets_on_cpu():
 
 
 def test_check_kernels_lowers_for_tpu_and_cuda():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subproc.env()
   proc = subprocess.run([sys.executable, "-m", "experiments.check_kernels",
                          "--platforms=tpu,cuda"], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)

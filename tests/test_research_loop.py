@@ -18,6 +18,7 @@ import transformers
 from flax import nnx, traverse_util
 
 import hf_models
+import subproc
 from configs import chain_upcycle, evaluate as eval_config, train as train_config
 from configs import upcycle as upcycle_config, upcycle_vs_dense
 from moe_jax import checkpoint, evaluate as eval_lib, runs, sharding, sweep
@@ -29,7 +30,7 @@ from moe_jax.train import step as step_lib
 # One worker runs this module, so its session fixtures are built once (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("research_loop")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+ENV = subproc.env()  # one CPU device
 TINY = dict(steps=4, batch_size=2, seq_len=32, log_every=1, eval_every=100, eval_batches=1,
             ckpt_every=2, keep=3)
 

@@ -4,11 +4,12 @@ import os
 import subprocess
 import sys
 
+import subproc
 from configs import sweep_experts
 from moe_jax import runs, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ENV = subproc.env()
 OVERRIDES = {"init": "scratch", "layers": "all", "scratch.n_layers": 1, "loop.steps": 3,
              "loop.seq_len": 32,
              "data.max_docs": 10, "loop.eval_batches": 1, "optim.total_steps": 3}

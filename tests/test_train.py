@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+import subproc
+
 from configs import train as train_config
 from moe_jax import runs, sweep
 
@@ -17,7 +19,7 @@ BASE = ["--config=configs/train.py:scratch,runlocal,lr=0.003", "--config.data.ma
         "--config.loop.eval_every=100", "--config.loop.eval_batches=1"]
 
 
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+ENV = subproc.env()  # one CPU device
 
 
 def _cmd(workdir, *extra):
@@ -113,7 +115,7 @@ def test_unknown_key_is_refused(tmp_path):
 
 
 def test_batch_not_divisible_by_devices(tmp_path):
-  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = subproc.env(devices=8)
   r = subprocess.run(_cmd(tmp_path / "run", "--config.loop.batch_size=6"), cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 1 and "config.loop.batch_size=6 is not divisible by the 8 devices" in r.stderr
