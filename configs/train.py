@@ -17,9 +17,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 lr=1e-4, steps=200, runlocal=False, scratch=False)
   c = ml_collections.ConfigDict()
   c.init = "scratch" if a.scratch else ""
+  # init=scratch: the model's shape, and its vocabulary: '' = the embedded model's (49152
+  # tokens), 'bpe:N' = a byte-level BPE of N tokens learned from the run's training text.
   c.scratch = ml_collections.ConfigDict(dict(
       d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-      max_seq_len=1024))
+      max_seq_len=1024, tokenizer=""))
   c.upcycle = ml_collections.ConfigDict(dict(
       method=a.method, num_experts=a.experts, top_k=a.topk, granularity=a.granularity,
       router=a.router, norm_topk_prob=False, partition="random", output_scale=0.0,
@@ -43,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
       router_lr_mult=1.0))
   if a.runlocal:  # minutes on a 2-core CPU: 3 MoE layers of 4 experts, short sequences
+    c.scratch.tokenizer = "bpe:1024"  # a small vocabulary: the logits no longer dominate
     c.upcycle.num_experts = min(a.experts, 4)
     c.upcycle.top_k = min(a.topk, c.upcycle.num_experts)
     c.layers = "all" if a.scratch else "every:10"

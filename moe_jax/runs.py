@@ -179,8 +179,8 @@ def train_mesh(config, num_experts: int | None = None):
   return mesh
 
 
-def _documents(config, tok):
-  """(train, eval) token documents for the configured source."""
+def data_texts(config) -> tuple[list[str], list[str]]:
+  """(train, eval) documents of the configured source, as text."""
   src = config.data.source
   if src == "stdlib":
     train_docs, eval_docs = corpus.stdlib_documents("train"), corpus.stdlib_documents("valid")
@@ -192,11 +192,16 @@ def _documents(config, tok):
     train_docs, eval_docs = docs[cut:] or docs, docs[:cut]
   if config.data.max_docs:
     train_docs = train_docs[: config.data.max_docs]
+  return train_docs, eval_docs
+
+
+def data_documents(config, texts, tok):
+  """(train, eval) token documents of the (train, eval) texts."""
   enc = lambda docs: pipeline.tokenize_documents(docs, tok.encode, tok.eos_id)
-  train_ids, eval_ids = enc(train_docs), enc(eval_docs)
+  train_ids, eval_ids = enc(texts[0]), enc(texts[1])
   if not train_ids or sum(len(d) for d in train_ids) <= config.loop.seq_len:
-    raise ValueError(f"config.data.source={src!r}: too little text for one row of "
-                     f"{config.loop.seq_len} tokens")
+    raise ValueError(f"config.data.source={config.data.source!r}: too little text for one "
+                     f"row of {config.loop.seq_len} tokens")
   return train_ids, eval_ids or train_ids[:1]
 
 
@@ -212,10 +217,11 @@ def train_model(config, workdir: str):
   loop_cfg = loop_lib.LoopConfig(**config.loop)
   opt_cfg = optim.OptimConfig(**config.optim)
   workdir = os.path.abspath(workdir)
-  plan = init_plan.plan(config, workdir)
+  texts = data_texts(config)
+  plan = init_plan.plan(config, workdir, train_texts=texts[0])
   mesh = train_mesh(config, plan.num_experts)  # before anything is built
   check_seq_len(loop_cfg.seq_len, plan.cfg.max_seq_len, "config.loop.seq_len")
-  train_docs, eval_docs = _documents(config, plan.tokenizer)
+  train_docs, eval_docs = data_documents(config, texts, plan.tokenizer)
   model = plan.build(mesh, loop_cfg.seed)
   lead = jax.process_index() == 0
   if jax.process_count() > 1:  # every process has read workdir before process 0 writes it

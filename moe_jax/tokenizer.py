@@ -1,4 +1,5 @@
-"""Tokenizers that come with a checkpoint: tokenizer.json, or a GGUF's own vocabulary.
+"""Tokenizers that come with a checkpoint (tokenizer.json, or a GGUF's own vocabulary), and
+a byte-level BPE trained here for models trained from scratch.
 
 A thin wrapper over `tokenizers.Tokenizer` (transformers is not needed). `encode`
 never adds special tokens: perplexity and packing decide where BOS/EOS go.
@@ -9,9 +10,10 @@ import json
 import os
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 _CONTROL = 3  # llama.cpp token type of special tokens
+END_OF_TEXT = "<|endoftext|>"  # a trained BPE's one special token (id 0), its EOS
 
 
 class Tokenizer:
@@ -72,11 +74,38 @@ def tokenizer_from_gguf(fields: dict, path: str) -> Tokenizer:
   tokens = field("tokenizer.ggml.tokens")
   types = field("tokenizer.ggml.token_type")
   merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
-  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                   byte_fallback=False)
-  tok = tokenizers.Tokenizer(bpe)
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  tok.decoder = decoders.ByteLevel()
+  tok = _byte_level(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                               fuse_unk=False, byte_fallback=False))
   tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                           for t, ty in zip(tokens, types) if ty == _CONTROL])
   return Tokenizer(tok, field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"))
+
+
+def _byte_level(model: models.Model) -> tokenizers.Tokenizer:
+  tok = tokenizers.Tokenizer(model)
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  return tok
+
+
+def bpe_vocab_size(spec: str, key: str = "config.scratch.tokenizer") -> int | None:
+  """'bpe:N' -> N (None for ''), N large enough for the 256 bytes and END_OF_TEXT."""
+  if not spec:
+    return None
+  kind, _, n = spec.partition(":")
+  least = len(pre_tokenizers.ByteLevel.alphabet()) + 1
+  if kind != "bpe" or not n.isdigit() or int(n) < least:
+    raise ValueError(f"{key}={spec!r}: expected '' (the embedded model's vocabulary) or "
+                     f"'bpe:N' with N >= {least}")
+  return int(n)
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+  """A byte-level BPE of `vocab_size` tokens learned from `texts` (deterministic: the same
+  texts give the same merges in any process). Every byte is a token, so any text encodes."""
+  tok = _byte_level(models.BPE())
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(texts, trainer, length=len(texts))
+  return Tokenizer(tok, None, tok.token_to_id(END_OF_TEXT))

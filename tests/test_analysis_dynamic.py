@@ -21,9 +21,6 @@ from moe_jax.moe import routers
 from moe_jax.moe.config import MoeConfig
 from moe_jax.upcycle import calibrate
 
-# One worker runs this module, so its session fixtures are built once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("analysis_dynamic")
-
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
                   ffn_dim=48, moe=MoeConfig(num_experts=4, top_k=2, expert_dim=16, layers="1,2"))
 

@@ -16,7 +16,6 @@ from configs import upcycle as upcycle_config
 from moe_jax import runs
 from moe_jax.convert import gguf, load
 
-pytestmark = pytest.mark.xdist_group("analyze")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = subproc.env()
 

@@ -22,13 +22,12 @@ import subproc
 from configs import chain_upcycle, evaluate as eval_config, train as train_config
 from configs import upcycle as upcycle_config, upcycle_vs_dense
 from moe_jax import checkpoint, evaluate as eval_lib, runs, sharding, sweep
+from moe_jax import tokenizer as tokenizer_lib
 from moe_jax.convert import export_hf, gguf, load
 from moe_jax.data import pipeline
 from moe_jax.models import llama
 from moe_jax.train import step as step_lib
 
-# One worker runs this module, so its session fixtures are built once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("research_loop")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = subproc.env()  # one CPU device
 TINY = dict(steps=4, batch_size=2, seq_len=32, log_every=1, eval_every=100, eval_batches=1,
@@ -128,7 +127,7 @@ def test_train_from_a_moe_workdir_starts_from_its_params(trained, tmp_path):
   with open(tmp_path / "more" / "metrics.jsonl") as f:
     first = json.loads(f.readline())["loss"]
   tok = load.load_tokenizer(workdir)
-  train_docs, _ = runs._documents(c, tok)  # pylint: disable=protected-access
+  train_docs, _ = runs.data_documents(c, runs.data_texts(c), tok)
   batch = pipeline.to_batch(next(iter(pipeline.packed_dataset(
       train_docs, c.loop.seq_len, c.loop.batch_size, c.loop.seed))))
   key = jax.random.fold_in(jax.random.key(c.loop.seed), 0)
@@ -147,7 +146,9 @@ def test_provenance_travels_with_the_run(trained):
   assert src.meta["step"] == 4 and src.meta["tokens_seen"] == 4 * 2 * 32
   assert prov["init"] == {"source": "scratch"} and prov["upcycle"]["num_experts"] == 4
   assert prov["train_config"]["loop"]["steps"] == 4 and "jax" in prov["versions"]
-  assert src.tokenizer().encode("def f") == load.load_tokenizer("").encode("def f")
+  learned = tokenizer_lib.train_bpe(runs.data_texts(_train_config("copy"))[0], 1024)
+  assert src.tokenizer().tok.to_str() == learned.tok.to_str()  # runlocal: 'bpe:1024'
+  assert src.cfg.vocab_size == 1024 and src.tokenizer().eos_id == 0
 
 
 def test_naming_a_step_gives_that_step(trained, tmp_path):

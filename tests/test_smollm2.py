@@ -14,9 +14,6 @@ from moe_jax.convert import gguf, load
 from moe_jax.data import corpus
 from configs import evaluate as eval_config
 
-# One worker runs this module, so its session fixtures are built once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("smollm2")
-
 PATH = gguf.embedded_gguf_path()
 
 

@@ -56,16 +56,19 @@ class InitPlan:
     return sharding.place(convert.model_from_items(self.cfg, items), mesh)
 
 
-def plan(config: ml_collections.ConfigDict, workdir: str) -> InitPlan:
-  """The InitPlan of a train config (see the module docstring)."""
+def plan(config: ml_collections.ConfigDict, workdir: str,
+         train_texts: list[str] | None = None) -> InitPlan:
+  """The InitPlan of a train config (see the module docstring). A scratch run with
+  `scratch.tokenizer='bpe:N'` learns its vocabulary from `train_texts`."""
   step_dir = train_ckpt.latest_step_dir(workdir)
   if step_dir is not None:
     return _resume(config, step_dir)
   spec = None if config.upcycle.method == "none" else methods.UpcycleSpec(**config.upcycle)
   moe_over = ml_collections.ConfigDict(config.moe).to_dict()
   if config.init == "scratch":
-    tok = load.load_tokenizer("")  # the embedded model's vocabulary
-    dense = ModelConfig(vocab_size=tok.vocab_size, dtype=config.dtype, **config.scratch)
+    shape = config.scratch.to_dict()
+    tok = _scratch_tokenizer(shape.pop("tokenizer", ""), train_texts)
+    dense = ModelConfig(vocab_size=tok.vocab_size, dtype=config.dtype, **shape)
     cfg = dense if spec is None else convert.moe_model_config(dense, spec, config.layers,
                                                                **moe_over)
     return InitPlan("scratch", cfg, tok, provenance=_provenance(config, None, spec))
@@ -80,6 +83,16 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> InitPlan:
                               _routers(config, src, tok, spec, cfg.moe_layer_ids))
   return InitPlan("upcycle", cfg.replace(dtype=config.dtype), tok, src, upcycler,
                   _provenance(config, src, spec))
+
+
+def _scratch_tokenizer(spec: str, train_texts: list[str] | None) -> tokenizer_lib.Tokenizer:
+  """The embedded model's vocabulary (''), or a BPE learned from the training text."""
+  vocab_size = tokenizer_lib.bpe_vocab_size(spec)
+  if vocab_size is None:
+    return load.load_tokenizer("")
+  if not train_texts:
+    raise ValueError(f"config.scratch.tokenizer={spec!r}: no training text to learn it from")
+  return tokenizer_lib.train_bpe(train_texts, vocab_size)
 
 
 def _routers(config, src: load.Source, tok, spec, layer_ids):
