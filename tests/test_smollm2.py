@@ -1,7 +1,9 @@
 """The embedded SmolLM2-135M-Instruct GGUF: tensors, logits, tokenizer and perplexity
 checked against transformers loading the same file."""
+import functools
 import os
 import shutil
+from unittest import mock
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,13 +20,28 @@ PATH = gguf.embedded_gguf_path()
 
 
 @pytest.fixture(scope="session")
-def hf_model():
+def gguf_reader():
+  """The `gguf` package's reader of the file, parsed once: transformers parses the header
+  anew for the config, the weights and the tokenizer (7 s each, in pure Python), and
+  rebuilds the same tensor-name map for each of its ~400 modules (9 s)."""
+  import gguf as gguf_pkg  # pylint: disable=g-import-not-at-top
+  cached = functools.lru_cache(maxsize=1)(gguf_pkg.GGUFReader)
+  name_map = functools.lru_cache(maxsize=4)(gguf_pkg.get_tensor_name_map)
+  with mock.patch.object(gguf_pkg, "GGUFReader", cached), \
+       mock.patch.object(gguf_pkg, "get_tensor_name_map", name_map):
+    yield cached
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_reader):
+  del gguf_reader  # transformers reads the file through it
   return transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(PATH), gguf_file=os.path.basename(PATH), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
-def hf_tokenizer():
+def hf_tokenizer(gguf_reader):
+  del gguf_reader
   return transformers.AutoTokenizer.from_pretrained(os.path.dirname(PATH),
                                                     gguf_file=os.path.basename(PATH))
 
@@ -109,10 +126,9 @@ def test_unpermute_inverts_llama_cpp_permute():
   np.testing.assert_array_equal(gguf.unpermute_rotary(permuted, n_head), w)
 
 
-def test_header_parser_equals_gguf_reader():
+def test_header_parser_equals_gguf_reader(gguf_reader):
   """Our one-pass header parser against the `gguf` package's reader on the same file."""
-  import gguf as gguf_pkg  # pylint: disable=g-import-not-at-top
-  ours, ref = gguf.open_reader(PATH), gguf_pkg.GGUFReader(PATH)
+  ours, ref = gguf.open_reader(PATH), gguf_reader(PATH)
   want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
   assert ours.fields == want
   assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
