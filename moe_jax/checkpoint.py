@@ -134,10 +134,12 @@ def scope_prefix(item: str, path: str = "checkpoint") -> tuple:
 
 def restore_flat(path: str, target: dict[tuple, jax.ShapeDtypeStruct],
                  scopes: set[str] | None = None) -> dict[tuple, jax.Array]:
-  """Every param of a checkpoint directory as {full path: array}, placed as `target` says
-  (shape, dtype, sharding per path). Expert slices are stacked again on the devices:
-  each process reads only the expert items its own devices hold. With `scopes` (e.g.
-  {'layer_007'}), only those items are read and `target` holds only their params."""
+  """Every param of a checkpoint directory as {full path: array}, placed as `target` says:
+  a jax.ShapeDtypeStruct (shape, dtype, sharding) gives a jax.Array, expert slices
+  stacked again on the devices (each process reads only the expert items its own devices
+  hold); an np.ndarray is filled in place on the host, one expert at a time (no device
+  copy: for analyses). With `scopes` (e.g. {'layer_007'}), only those items are read and
+  `target` holds only their params."""
   params = os.path.join(os.path.abspath(path), "params")
   out: dict[tuple, Any] = {}
   slices: dict[tuple, dict[int, tuple[str, tuple]]] = {}  # stack path -> expert -> item
@@ -164,10 +166,19 @@ def restore_flat(path: str, target: dict[tuple, jax.ShapeDtypeStruct],
       if sorted(by_expert) != list(range(t.shape[0])):
         raise ValueError(f"{path}: {'/'.join(map(str, p))} has expert slices "
                          f"{sorted(by_expert)}, expected 0..{t.shape[0] - 1}")
-      out[p] = _stack_experts(ckptr, by_expert, t)
+      out[p] = (_fill_experts(ckptr, by_expert, t) if isinstance(t, np.ndarray) else
+                _stack_experts(ckptr, by_expert, t))
   missing = sorted(set(target) - set(out), key=str)
   if missing:
     raise ValueError(f"{path}: checkpoint lacks tensor {'/'.join(map(str, missing[0]))}")
+  return out
+
+
+def _fill_experts(ckptr, items: dict[int, tuple[str, tuple]], out: np.ndarray) -> np.ndarray:
+  """`out` [E, ...] filled from the per-expert items, each read straight into host memory."""
+  for e, (item, p) in items.items():
+    want = traverse_util.unflatten_dict({p: np.empty(out.shape[1:], out.dtype)})
+    out[e] = traverse_util.flatten_dict(ckptr.restore(item, want))[p]
   return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from moe_jax.analysis import weights
+from moe_jax.analysis import distance, weights
 
 _BLOCK = 256  # rows per block when counting inversions
 
@@ -89,9 +89,7 @@ def reordered_similarity(a_FxP: np.ndarray, b_FxP: np.ndarray) -> dict:
   cos_FxF = neuron_cosine(a_FxP, b_FxP)
   rows_F, perm_F = linear_sum_assignment(cos_FxF, maximize=True)
   perm_F = perm_F[np.argsort(rows_F)]
-  a = np.asarray(a_FxP)
-  b = np.asarray(b_FxP)[perm_F]
-  return dict(cosine=float(weights.flat_cosine(np.stack([a, b]))[0, 1]),
+  return dict(cosine=distance.to_base(a_FxP, np.asarray(b_FxP)[perm_F])["cosine"],
               mean_neuron_cosine=float(cos_FxF[np.arange(len(perm_F)), perm_F].mean()),
               kendall_tau=kendall_tau(perm_F),
               permutation=perm_F.astype(np.int64))

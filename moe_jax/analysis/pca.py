@@ -6,25 +6,37 @@ import numpy as np
 from moe_jax.analysis import neurons, weights
 
 
-_ROWS = 4096  # rows per block of the covariance and the projection
+_ROWS = 1024  # rows per block of the covariance and the projection
+_COLS = 1 << 16  # columns per block of the right singular vectors
 
 
-def _spectrum(points_NxP: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(mean_P, singular values, right singular vectors as rows) of the centred points:
-  by SVD when N <= P (few points, e.g. experts), else from the P x P covariance
-  accumulated in row blocks (many points, e.g. neurons: no N x P float64 copy)."""
+def _spectrum(points_NxP: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(mean_P, singular values, top-k right singular vectors as rows) of the centred points,
+  without an N x P float64 copy: from the N x N centred Gram matrix when N <= P (few
+  points, e.g. experts, accumulated in column blocks), else from the P x P covariance
+  accumulated in row blocks (many points, e.g. neurons)."""
   n, p = points_NxP.shape
   mean_P = np.mean(points_NxP, axis=0, dtype=np.float64)
-  if n <= p:
-    _, s, vt = np.linalg.svd(np.asarray(points_NxP, np.float64) - mean_P, full_matrices=False)
-    return mean_P, s, vt
+  if n <= p:  # X_c X_c^T = H X X^T H, H the centring matrix; v_i = X_c^T u_i / s_i
+    h_NxN, g_NxN = np.eye(n) - 1.0 / n, weights.gram(points_NxP)
+    eig, u_NxN = np.linalg.eigh(h_NxN @ g_NxN @ h_NxN)
+    eig[eig <= n * np.finfo(np.float64).eps * np.trace(g_NxN)] = 0.0  # rounding, not variance
+    order = np.argsort(eig)[::-1]
+    s, u_NxK = np.sqrt(np.clip(eig[order], 0.0, None)), u_NxN[:, order[:k]]
+    vt_KxP = np.zeros((u_NxK.shape[1], p))
+    for start in range(0, p, _COLS):
+      block = np.asarray(points_NxP[:, start:start + _COLS], np.float64) - mean_P[start:start + _COLS]
+      vt_KxP[:, start:start + _COLS] = u_NxK.T @ block
+    vt_KxP /= np.where(s[:k] > 0, s[:k], 1.0)[:, None]
+    return mean_P, s, vt_KxP
   cov_PxP = np.zeros((p, p))
   for start in range(0, n, _ROWS):
-    block = np.asarray(points_NxP[start:start + _ROWS], np.float64) - mean_P
+    block = np.array(points_NxP[start:start + _ROWS], np.float64)
+    block -= mean_P
     cov_PxP += block.T @ block
   eig, vecs = np.linalg.eigh(cov_PxP)
   order = np.argsort(eig)[::-1]
-  return mean_P, np.sqrt(np.clip(eig[order], 0.0, None)), vecs[:, order].T
+  return mean_P, np.sqrt(np.clip(eig[order], 0.0, None)), vecs[:, order[:k]].T
 
 
 def principal_axes(points_NxP: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -33,7 +45,7 @@ def principal_axes(points_NxP: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.n
   Sign convention: each axis's largest-|value| entry is positive, so results are
   deterministic. Missing axes (rank < k) are zero with ratio 0."""
   points_NxP = np.asarray(points_NxP)
-  mean_P, s, vt = _spectrum(points_NxP)
+  mean_P, s, vt = _spectrum(points_NxP, k)
   tol = (s.max() if s.size else 0.0) * max(points_NxP.shape) * np.finfo(np.float64).eps
   m = min(k, int(np.count_nonzero(s > tol)))  # the numerical rank, as np.linalg.matrix_rank
   axes_kxP = np.zeros((k, points_NxP.shape[1]))
@@ -51,9 +63,19 @@ def pca_2d(points_NxP: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(coords_Nx2, explained_variance_ratio_2): the points projected on the top two axes."""
   points_NxP = np.asarray(points_NxP)
   mean_P, axes_2xP, ratio_2 = principal_axes(points_NxP, 2)
-  coords = [(np.asarray(points_NxP[i:i + _ROWS], np.float64) - mean_P) @ axes_2xP.T
-            for i in range(0, len(points_NxP), _ROWS)]
-  return np.concatenate(coords) if coords else np.zeros((0, 2)), ratio_2
+  n, p = points_NxP.shape
+  coords_Nx2 = np.zeros((n, 2))
+  if n > p:  # many points: in row blocks (no N x P float64 copy either way)
+    for start in range(0, n, _ROWS):
+      block = np.array(points_NxP[start:start + _ROWS], np.float64)
+      block -= mean_P
+      coords_Nx2[start:start + _ROWS] = block @ axes_2xP.T
+    return coords_Nx2, ratio_2
+  for start in range(0, p, _COLS):  # few long points: in column blocks
+    block = np.array(points_NxP[:, start:start + _COLS], np.float64)
+    block -= mean_P[start:start + _COLS]
+    coords_Nx2 += block @ axes_2xP[:, start:start + _COLS].T
+  return coords_Nx2, ratio_2
 
 
 def expert_points(w_ExAxB: np.ndarray, reference_AxB: np.ndarray | None = None) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_CHUNK = 1 << 20  # columns per float64 block when accumulating a Gram matrix
+_CHUNK = 1 << 16  # columns per float64 block when accumulating a Gram matrix
 
 
 def gram(x_NxP: np.ndarray, chunk: int = _CHUNK) -> np.ndarray:
@@ -35,11 +35,11 @@ def row_cosine(x_NxP: np.ndarray) -> np.ndarray:
 
 def cross_cosine(a_NxP: np.ndarray, b_MxP: np.ndarray) -> np.ndarray:
   """[N, M] cosine between the rows of a and the rows of b (float64, zero rows give 0)."""
-  a = np.asarray(a_NxP, np.float64)
-  b = np.asarray(b_MxP, np.float64)
+  a = np.array(a_NxP, np.float64)  # one float64 copy each, normalised in place
+  b = np.array(b_MxP, np.float64)
   na_N, nb_M = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-  a = a / np.where(na_N > 0, na_N, 1.0)[:, None]
-  b = b / np.where(nb_M > 0, nb_M, 1.0)[:, None]
+  a /= np.where(na_N > 0, na_N, 1.0)[:, None]
+  b /= np.where(nb_M > 0, nb_M, 1.0)[:, None]
   return np.clip(a @ b.T, -1.0, 1.0)
 
 

@@ -85,11 +85,12 @@ class Source:
       raise ValueError(f"{self.path}: layer {i} out of range (the model has "
                        f"{self.cfg.n_layers} layers)")
     target = {p: t for p, t in _abstract_flat(self.cfg).items() if p[:2] == ("layers", i)}
+    host = {p: np.empty(t.shape, t.dtype) for p, t in target.items()}  # read to the host
     if self.kind == "moe_jax":
-      flat = checkpoint.restore_flat(self.path, target, scopes={f"layer_{i:03d}"})
+      flat = checkpoint.restore_flat(self.path, host, scopes={f"layer_{i:03d}"})
     elif self.kind == "train":
       flat = traverse_util.flatten_dict(
-          train_ckpt.restore_model(self.path, traverse_util.unflatten_dict(target)))
+          train_ckpt.restore_model(self.path, traverse_util.unflatten_dict(host)))
     elif self.kind == "hf":
       flat = _from_hf(self.cfg, hf.iter_safetensors(self.path, f"model.layers.{i}."), target)
     else:
