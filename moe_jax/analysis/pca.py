@@ -7,7 +7,25 @@ from moe_jax.analysis import neurons, weights
 
 
 _ROWS = 1024  # rows per block of the covariance and the projection
-_COLS = 1 << 16  # columns per block of the right singular vectors
+_COLS = 1 << 16  # columns per block of the right singular vectors and the projection
+
+
+def _centred_rows(points_NxP: np.ndarray, mean_P: np.ndarray):
+  """(row slice, float64 centred block) over blocks of _ROWS rows."""
+  for start in range(0, points_NxP.shape[0], _ROWS):
+    rows = slice(start, start + _ROWS)
+    block = np.array(points_NxP[rows], np.float64)
+    block -= mean_P
+    yield rows, block
+
+
+def _centred_cols(points_NxP: np.ndarray, mean_P: np.ndarray):
+  """(column slice, float64 centred block) over blocks of _COLS columns."""
+  for start in range(0, points_NxP.shape[1], _COLS):
+    cols = slice(start, start + _COLS)
+    block = np.array(points_NxP[:, cols], np.float64)
+    block -= mean_P[cols]
+    yield cols, block
 
 
 def _spectrum(points_NxP: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -24,15 +42,12 @@ def _spectrum(points_NxP: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, n
     order = np.argsort(eig)[::-1]
     s, u_NxK = np.sqrt(np.clip(eig[order], 0.0, None)), u_NxN[:, order[:k]]
     vt_KxP = np.zeros((u_NxK.shape[1], p))
-    for start in range(0, p, _COLS):
-      block = np.asarray(points_NxP[:, start:start + _COLS], np.float64) - mean_P[start:start + _COLS]
-      vt_KxP[:, start:start + _COLS] = u_NxK.T @ block
+    for cols, block in _centred_cols(points_NxP, mean_P):
+      vt_KxP[:, cols] = u_NxK.T @ block
     vt_KxP /= np.where(s[:k] > 0, s[:k], 1.0)[:, None]
     return mean_P, s, vt_KxP
   cov_PxP = np.zeros((p, p))
-  for start in range(0, n, _ROWS):
-    block = np.array(points_NxP[start:start + _ROWS], np.float64)
-    block -= mean_P
+  for _, block in _centred_rows(points_NxP, mean_P):
     cov_PxP += block.T @ block
   eig, vecs = np.linalg.eigh(cov_PxP)
   order = np.argsort(eig)[::-1]
@@ -66,15 +81,11 @@ def pca_2d(points_NxP: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   n, p = points_NxP.shape
   coords_Nx2 = np.zeros((n, 2))
   if n > p:  # many points: in row blocks (no N x P float64 copy either way)
-    for start in range(0, n, _ROWS):
-      block = np.array(points_NxP[start:start + _ROWS], np.float64)
-      block -= mean_P
-      coords_Nx2[start:start + _ROWS] = block @ axes_2xP.T
-    return coords_Nx2, ratio_2
-  for start in range(0, p, _COLS):  # few long points: in column blocks
-    block = np.array(points_NxP[:, start:start + _COLS], np.float64)
-    block -= mean_P[start:start + _COLS]
-    coords_Nx2 += block @ axes_2xP[:, start:start + _COLS].T
+    for rows, block in _centred_rows(points_NxP, mean_P):
+      coords_Nx2[rows] = block @ axes_2xP.T
+  else:  # few long points: in column blocks
+    for cols, block in _centred_cols(points_NxP, mean_P):
+      coords_Nx2 += block @ axes_2xP[:, cols].T
   return coords_Nx2, ratio_2
 
 

@@ -26,8 +26,9 @@ def _save(fig, workdir: str, name: str) -> str:
   return name
 
 
-def _layers(result) -> list[tuple[int, dict]]:
-  return sorted((int(i), d) for i, d in result["layers"].items())
+def _layers(result, key: str | None = None) -> list[tuple[int, dict]]:
+  """(layer, its results) in layer order; with `key`, only the layers that have it."""
+  return sorted((int(i), d) for i, d in result["layers"].items() if key is None or key in d)
 
 
 def weight_cosine_maps(result, extra, workdir):
@@ -114,7 +115,7 @@ def pca_experts(result, extra, workdir):
 
 
 def to_base_by_layer(result, extra, workdir):
-  layers = [(i, d) for i, d in _layers(result) if "to_base" in d]
+  layers = _layers(result, "to_base")
   if not layers:
     return None
   plt = _plt()
@@ -136,7 +137,7 @@ def to_base_by_layer(result, extra, workdir):
 
 
 def output_similarity(result, extra, workdir):
-  layers = [(i, d) for i, d in _layers(result) if "output_cosine" in d]
+  layers = _layers(result, "output_cosine")
   if not layers:
     return None
   plt = _plt()
@@ -175,7 +176,7 @@ def norm_vs_score(result, extra, workdir):
 
 
 def load_and_domains(result, extra, workdir):
-  layers = [(i, d) for i, d in _layers(result) if "load" in d]
+  layers = _layers(result, "load")
   if not layers:
     return None
   plt = _plt()
@@ -228,7 +229,7 @@ def layer_agreement(result, extra, workdir):
 
 
 def activation_sparsity(result, extra, workdir):
-  layers = [(i, d) for i, d in _layers(result) if "active_fraction" in d]
+  layers = _layers(result, "active_fraction")
   if not layers:
     return None
   plt = _plt()
