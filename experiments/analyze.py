@@ -11,6 +11,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where the report is written.", 
 
 def main(argv):
   del argv
+  cli.map_large_host_arrays()  # the static pass streams one layer at a time
   cli.main_guard(runs.analyze, _CONFIG.value, _WORKDIR.value)
 
 

@@ -3,6 +3,8 @@
 A bad flag, an unknown config key or a user error (bad path, bad value) is one line on
 stderr and exit status 1, never a traceback.
 """
+import ctypes
+import ctypes.util
 import re
 import sys
 from collections.abc import Callable
@@ -32,3 +34,17 @@ def main_guard(fn: Callable, *args, **kwargs):
   except USER_ERRORS as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(1)
+
+
+def map_large_host_arrays(threshold: int = 1 << 20) -> bool:
+  """glibc only: host allocations of `threshold` bytes or more get their own mapping,
+  returned to the OS when freed. glibc otherwise raises this threshold to the size of
+  the largest array freed so far and serves later arrays from a heap that fragments: a
+  layer-by-layer pass then holds its high-water mark instead of one layer. Costs fresh
+  pages for every large array. Returns whether it was set."""
+  name = ctypes.util.find_library("c")
+  try:
+    libc = ctypes.CDLL(name) if name else None
+    return bool(libc and libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+  except (OSError, AttributeError):  # not glibc
+    return False

@@ -1,5 +1,6 @@
 """llama.capture (intermediates read through the model's own forward pass) and the dynamic
 analyses of moe_jax/analysis/dynamic.py, cross-checked against transformers' Mixtral."""
+import os
 import warnings
 
 import jax
@@ -86,44 +87,90 @@ def test_capture_adds_no_state(moe_model):
   jax.tree.map(np.testing.assert_array_equal, after, before)
 
 
-def _hf_mixtral(path):
-  """A tiny random transformers Mixtral (2 layers, hidden 32, 4 experts, top-2), saved."""
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+HF_MOE = {  # (config class, MoE keys, the MoE layers, the experts' width)
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2),
+                (0, 1), 48),
+    "qwen2_moe": (transformers.Qwen2MoeConfig,
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=24, mlp_only_layers=[0]), (1,), 16),
+    "qwen3_moe": (transformers.Qwen3MoeConfig,
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       head_dim=8, norm_topk_prob=True), (0, 1), 16),
+}
+
+
+def _hf_moe(arch, path):
+  """A tiny random transformers MoE of `arch` (2 layers, hidden 32, 4 experts), saved."""
   torch.manual_seed(0)
-  cfg = transformers.MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, num_local_experts=4,
-                                   num_experts_per_tok=2, max_position_embeddings=64)
-  model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+  config_cls, moe_kw, _, _ = HF_MOE[arch]
+  model = transformers.AutoModelForCausalLM.from_config(config_cls(**SMALL, **moe_kw),
+                                                        dtype=torch.float32).eval()
   hf_models.perturb(model).save_pretrained(path)
   return model
 
 
-def test_expert_outputs_match_transformers(tmp_path):
-  hf_model = _hf_mixtral(str(tmp_path / "mixtral"))
-  ours, _ = load.load_model(str(tmp_path / "mixtral"))
+@pytest.mark.parametrize("arch", sorted(HF_MOE))
+def test_expert_outputs_match_transformers(arch, tmp_path):
+  hf_model = _hf_moe(arch, str(tmp_path / arch))
+  moe_ids, width = HF_MOE[arch][2], HF_MOE[arch][3]
+  ours, _ = load.load_model(str(tmp_path / arch))
+  assert ours.cfg.moe_layer_ids == moe_ids
   tokens = np.random.RandomState(1).randint(0, 97, (2, 9))
   seen = {}
   hooks = [hf_model.model.layers[i].mlp.register_forward_pre_hook(
-      lambda m, args, i=i: seen.__setitem__(i, args[0].detach().numpy().copy())) for i in (0, 1)]
+      lambda m, args, i=i: seen.__setitem__(i, args[0].detach().numpy().copy())) for i in moe_ids]
   theirs = hf_model(torch.as_tensor(tokens)).logits.detach().numpy()
   for h in hooks:
     h.remove()
   logits, captured = llama.capture(ours, jnp.asarray(tokens))
   np.testing.assert_allclose(logits, theirs, atol=1e-4, rtol=0)
-  for i in (0, 1):
+  for i in moe_ids:
     x_TxD = np.asarray(captured[i]["ffn_input"]).reshape(-1, 32)
     np.testing.assert_allclose(x_TxD, seen[i].reshape(-1, 32), atol=1e-5, rtol=0)
     mlp = ours.layers[i].mlp
     weights = [np.asarray(w[...]) for w in (mlp.w_gate, mlp.w_up, mlp.w_down)]
+    assert weights[0].shape == (4, 32, width)
     got_ExTxD = dynamic.expert_outputs(x_TxD, *weights, chunk=5)  # 18 tokens: 4 blocks
     experts, x = hf_model.model.layers[i].mlp.experts, torch.tensor(x_TxD)
-    with torch.no_grad():  # expert e alone, weight 1, on every token
+    with torch.no_grad():  # expert e alone, weight 1, on every token (no shared expert)
       want_ExTxD = np.stack([experts(x, torch.full((18, 1), e), torch.ones(18, 1)).numpy()
                              for e in range(4)])
     assert np.abs(want_ExTxD).max() > 0.1
     np.testing.assert_allclose(got_ExTxD, want_ExTxD, atol=1e-5, rtol=0)
     np.testing.assert_allclose(dynamic.output_norms(x_TxD, *weights, chunk=7),
                                np.linalg.norm(want_ExTxD, axis=-1).T, atol=1e-5)
+
+
+def _cosine_rows(a_ExN):
+  a = a_ExN / np.linalg.norm(a_ExN, axis=1, keepdims=True)
+  return a @ a.T
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
+def test_static_analysis_of_hf_checkpoints_reads_transformers_experts(arch, tmp_path):
+  """The analysis job on an HF directory, layer by layer: its weight and router cosines are
+  those of transformers' own expert tensors (flattened gate_up / down, router rows)."""
+  from configs import analyze as analyze_config  # pylint: disable=g-import-not-at-top
+  from moe_jax import runs  # pylint: disable=g-import-not-at-top
+  hf_model = _hf_moe(arch, str(tmp_path / arch))
+  c = analyze_config.get_config()
+  c.update(checkpoint=str(tmp_path / arch), windows=0)
+  result = runs.analyze(c, str(tmp_path / "out"))
+  assert sorted(int(i) for i in result["layers"]) == list(HF_MOE[arch][2])
+  for i, d in result["layers"].items():
+    block = hf_model.model.layers[int(i)].mlp
+    gate_up = block.experts.gate_up_proj.detach().numpy()  # [E, 2F, D]: gate rows, then up
+    f = gate_up.shape[1] // 2
+    want = {"w_gate": gate_up[:, :f], "w_up": gate_up[:, f:],
+            "w_down": block.experts.down_proj.detach().numpy()}
+    for m, w in want.items():
+      np.testing.assert_allclose(d["weight_cosine"][m], _cosine_rows(w.reshape(4, -1)),
+                                 atol=1e-5, err_msg=m)
+    router_ExD = block.gate.weight.detach().numpy()
+    np.testing.assert_allclose(d["router_cosine"], _cosine_rows(router_ExD), atol=1e-5)
+  assert os.path.isfile(tmp_path / "out" / "report.md")
 
 
 def test_output_similarity():

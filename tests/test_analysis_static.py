@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.spatial.distance
 import scipy.stats
 
 from moe_jax.analysis import distance, neurons, pca, router, weights
@@ -69,6 +70,19 @@ def test_zero_matrix_gives_zero_not_nan():
   assert np.all(neurons.averaged_cosine(np.zeros((2, D, F)), -1) == 0)
 
 
+@pytest.mark.parametrize("dtype,atol", [(np.float64, 1e-12), (np.float32, 1e-6)])
+def test_cross_cosine_matches_scipy_cdist(dtype, atol):
+  rng = np.random.default_rng(20)
+  a, b = rng.normal(size=(7, 3 * D)), rng.normal(size=(5, 3 * D)) + 0.5
+  a[2] = 0.0
+  got = weights.cross_cosine(a.astype(np.float32), b.astype(np.float32), dtype)
+  want = 1.0 - scipy.spatial.distance.cdist(a.astype(np.float32), b.astype(np.float32),
+                                            "cosine")
+  want[2] = 0.0  # cdist gives NaN for a zero row; ours gives 0
+  assert got.dtype == dtype
+  np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
 def test_independent_gaussian_experts_have_matrix_cosine_near_zero():
   # For independent zero-mean vectors of n entries, cos ~ N(0, 1/n): 4/sqrt(n) is 4 sd.
   w = np.random.default_rng(3).normal(size=(E, D, F))
@@ -102,6 +116,28 @@ def test_expert_neurons_layout():
   np.testing.assert_array_equal(n[e, j], np.concatenate([wg[e][:, j], wu[e][:, j], wd[e][j]]))
   np.testing.assert_array_equal(neurons.dense_neurons(gate, up, down)[j],
                                 np.concatenate([gate[:, j], up[:, j], down[j]]))
+
+
+def test_lazy_expert_neurons_equal_the_concatenated_array():
+  """ExpertNeurons builds experts and row blocks on demand; every analysis that takes it
+  gives what the materialised [E, F, 3D] array gives."""
+  rng = np.random.default_rng(21)
+  wg, wu = rng.normal(size=(E, D, F)), rng.normal(size=(E, D, F))
+  wd = rng.normal(size=(E, F, D))
+  lazy = neurons.expert_neurons(wg, wu, wd)
+  dense = np.concatenate([wg.transpose(0, 2, 1), wu.transpose(0, 2, 1), wd], axis=-1)
+  np.testing.assert_array_equal(np.asarray(lazy), dense)
+  rows = lazy.rows()
+  for a, b in ((0, 7), (F - 3, F + 5), (5, 3 * F + 1), (0, E * F)):  # across experts
+    np.testing.assert_array_equal(rows[a:b], dense.reshape(E * F, -1)[a:b])
+  got, want = neurons.pairwise_reordered(lazy), neurons.pairwise_reordered(dense)
+  for k in ("cosine", "kendall_tau"):
+    np.testing.assert_allclose(got[k], want[k], atol=1e-12)
+  pts, labels = pca.neuron_points(lazy)
+  assert isinstance(pts, neurons.NeuronRows) and pts.shape == (E * F, 3 * D)
+  with_rows, with_array = pca.pca_2d(pts), pca.pca_2d(dense.reshape(E * F, -1))
+  np.testing.assert_allclose(with_rows[0], with_array[0], atol=1e-9)
+  np.testing.assert_allclose(with_rows[1], with_array[1], atol=1e-12)
 
 
 def test_permuted_experts_reorder_to_one_and_recover_the_permutation():

@@ -11,8 +11,9 @@ import numpy as np
 
 
 def _sums(a: np.ndarray, b: np.ndarray,
-          chunk: int = 1 << 20) -> tuple[float, float, float, float]:
-  """(<a, b>, ||a||^2, ||b||^2, ||a - b||^2) of the flattened arrays, in float64 blocks."""
+          chunk: int = 1 << 16) -> tuple[float, float, float, float]:
+  """(<a, b>, ||a||^2, ||b||^2, ||a - b||^2) of the flattened arrays, in float64 blocks
+  small enough (512 KiB) to be reused by the allocator rather than mapped afresh."""
   a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
   ab = aa = bb = dd = 0.0
   for s in range(0, a.size, chunk):

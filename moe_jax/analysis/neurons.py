@@ -19,17 +19,74 @@ def neuron_vectors(w_ExAxB: np.ndarray, neuron_axis: int) -> np.ndarray:
   return np.moveaxis(np.asarray(w_ExAxB), neuron_axis, 1)
 
 
+class ExpertNeurons:
+  """[E, F, P] every expert's neurons, neuron j = (gate column j | up column j | down row j),
+  P = 3D, as views of the stacked matrices. An expert (`self[e]`), or a block of the
+  expert-major [E*F, P] rows (`self.rows()[a:b]`), is built only when indexed, so a layer's
+  experts are never held twice. `np.asarray(self)` builds the whole array."""
+
+  def __init__(self, w_gate_ExDxF: np.ndarray, w_up_ExDxF: np.ndarray,
+               w_down_ExFxD: np.ndarray):
+    self._mats = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    e, d, f = w_gate_ExDxF.shape
+    self.shape = (e, f, 2 * d + w_down_ExFxD.shape[-1])
+    self.dtype = np.result_type(*self._mats)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def expert(self, e: int, neurons: slice = slice(None)) -> np.ndarray:
+    """[n, P] the `neurons` of expert e."""
+    g, u, d = self._mats
+    return np.concatenate([g[e][:, neurons].T, u[e][:, neurons].T, d[e][neurons]], axis=-1)
+
+  def __getitem__(self, key):
+    if isinstance(key, (int, np.integer)):
+      return self.expert(int(key))
+    return np.asarray(self)[key]
+
+  def __array__(self, dtype=None, copy=None):
+    out = np.stack([self.expert(e) for e in range(len(self))])
+    return out if dtype is None else out.astype(dtype)
+
+  def rows(self) -> NeuronRows:
+    return NeuronRows(self)
+
+
+class NeuronRows:
+  """[E*F, P] the neurons of ExpertNeurons, expert-major; a row slice builds only its rows."""
+
+  def __init__(self, neurons: ExpertNeurons):
+    self._neurons = neurons
+    e, self._f, p = neurons.shape
+    self.shape, self.dtype = (e * self._f, p), neurons.dtype
+
+  def __getitem__(self, rows: slice) -> np.ndarray:
+    start, stop, step = rows.indices(self.shape[0])
+    if step != 1:
+      raise ValueError("NeuronRows: only contiguous row slices")
+    f, parts = self._f, []
+    for e in range(start // f, -(-stop // f)):
+      parts.append(self._neurons.expert(e, slice(max(start - e * f, 0), min(stop - e * f, f))))
+    return np.concatenate(parts) if parts else np.empty((0, self.shape[1]), self.dtype)
+
+  def __array__(self, dtype=None, copy=None):
+    out = self[:]
+    return out if dtype is None else out.astype(dtype)
+
+
 def expert_neurons(w_gate_ExDxF: np.ndarray, w_up_ExDxF: np.ndarray,
-                   w_down_ExFxD: np.ndarray) -> np.ndarray:
-  """[E, F, 3D]: neuron j = concat(gate column j, up column j, down row j)."""
-  return np.concatenate([neuron_vectors(w_gate_ExDxF, -1), neuron_vectors(w_up_ExDxF, -1),
-                         neuron_vectors(w_down_ExFxD, 1)], axis=-1)
+                   w_down_ExFxD: np.ndarray) -> ExpertNeurons:
+  """[E, F, 3D]: neuron j = concat(gate column j, up column j, down row j), built lazily."""
+  return ExpertNeurons(np.asarray(w_gate_ExDxF), np.asarray(w_up_ExDxF),
+                       np.asarray(w_down_ExFxD))
 
 
 def dense_neurons(w_gate_DxF: np.ndarray, w_up_DxF: np.ndarray,
                   w_down_FxD: np.ndarray) -> np.ndarray:
   """[F, 3D]: the dense FFN's neurons, laid out as expert_neurons lays out one expert."""
-  return expert_neurons(w_gate_DxF[None], w_up_DxF[None], w_down_FxD[None])[0]
+  return expert_neurons(np.asarray(w_gate_DxF)[None], np.asarray(w_up_DxF)[None],
+                        np.asarray(w_down_FxD)[None])[0]
 
 
 def mean_neuron_vectors(w_ExAxB: np.ndarray, neuron_axis: int) -> np.ndarray:
@@ -76,7 +133,7 @@ def kendall_tau(x_N: np.ndarray, y_N: np.ndarray | None = None) -> float:
 
 def neuron_cosine(a_FxP: np.ndarray, b_FxP: np.ndarray) -> np.ndarray:
   """[F, F] cosine between every neuron of expert a (rows) and every neuron of b (cols)."""
-  return weights.cross_cosine(a_FxP, b_FxP)
+  return weights.cross_cosine(a_FxP, b_FxP, np.float32)  # F x F: float32 is ample
 
 
 def reordered_similarity(a_FxP: np.ndarray, b_FxP: np.ndarray) -> dict:
@@ -90,26 +147,31 @@ def reordered_similarity(a_FxP: np.ndarray, b_FxP: np.ndarray) -> dict:
   rows_F, perm_F = linear_sum_assignment(cos_FxF, maximize=True)
   perm_F = perm_F[np.argsort(rows_F)]
   return dict(cosine=distance.to_base(a_FxP, np.asarray(b_FxP)[perm_F])["cosine"],
-              mean_neuron_cosine=float(cos_FxF[np.arange(len(perm_F)), perm_F].mean()),
+              mean_neuron_cosine=float(cos_FxF[np.arange(len(perm_F)), perm_F].mean(
+                  dtype=np.float64)),
               kendall_tau=kendall_tau(perm_F),
               permutation=perm_F.astype(np.int64))
 
 
-def pairwise_reordered(neurons_ExFxP: np.ndarray,
+def pairwise_reordered(neurons_ExFxP: np.ndarray | ExpertNeurons,
                        reference_FxP: np.ndarray | None = None) -> dict:
   """[E, E] (or [E+1, E+1], reference LAST) reordered cosine and Kendall tau, all pairs.
 
   Symmetric: matching b to a is the inverse permutation of matching a to b, which has the
-  same tau and cosine. The diagonal is the plain self-similarity (cosine 1, tau 1)."""
-  stack = np.asarray(neurons_ExFxP)
-  if reference_FxP is not None:
-    stack = np.concatenate([stack, np.asarray(reference_FxP, stack.dtype)[None]])
-  n, f = stack.shape[0], stack.shape[1]
-  cos_NxN = np.diag(np.diag(weights.flat_cosine(stack)))
+  same tau and cosine. The diagonal is the plain self-similarity (cosine 1, tau 1; cosine
+  0 for an all-zero expert). Experts are indexed one at a time (ExpertNeurons builds each
+  only then)."""
+  stack = (neurons_ExFxP if isinstance(neurons_ExFxP, ExpertNeurons)
+           else np.asarray(neurons_ExFxP))
+  e, f = stack.shape[0], stack.shape[1]
+  get = lambda i: stack[i] if i < e else np.asarray(reference_FxP)
+  n = e + (reference_FxP is not None)
+  cos_NxN = np.diag([1.0 if np.any(get(i)) else 0.0 for i in range(n)])
   tau_NxN = np.diag(np.full(n, 1.0 if f > 1 else np.nan))
   for i in range(n):
+    a_FxP = get(i)
     for j in range(i + 1, n):
-      r = reordered_similarity(stack[i], stack[j])
+      r = reordered_similarity(a_FxP, get(j))
       cos_NxN[i, j] = cos_NxN[j, i] = r["cosine"]
       tau_NxN[i, j] = tau_NxN[j, i] = r["kendall_tau"]
   return dict(cosine=cos_NxN, kendall_tau=tau_NxN)

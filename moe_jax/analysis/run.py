@@ -155,6 +155,7 @@ def analyze(src: load.Source, ref: load.Source | None, text: str, cfg: AnalysisC
     if i in cap:
       out.update(dynamic_layer(layer, ref_layer, cap[i], e), **domains.get(i, {}))
     result["layers"][str(i)] = out
+    del layer, ref_layer  # before the next layer is read: one layer in memory at a time
   if cap:
     agree = dynamic.layer_agreement({i: c["experts"] for i, c in cap.items()})
     dyn = [result["layers"][str(i)] for i in cap]

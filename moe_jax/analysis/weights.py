@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-_CHUNK = 1 << 16  # columns per float64 block when accumulating a Gram matrix
+_BLOCK_BYTES = 1 << 19  # float64 bytes per block when accumulating a Gram matrix
 
 
-def gram(x_NxP: np.ndarray, chunk: int = _CHUNK) -> np.ndarray:
-  """[N, N] float64 inner products of the rows, in column blocks (no full float64 copy)."""
+def gram(x_NxP: np.ndarray, chunk: int | None = None) -> np.ndarray:
+  """[N, N] float64 inner products of the rows, in blocks of `chunk` columns (by default
+  512 KiB: small blocks are reused by the allocator, large ones mapped afresh)."""
   x_NxP = np.asarray(x_NxP)
+  chunk = chunk or max(1, _BLOCK_BYTES // (8 * max(x_NxP.shape[0], 1)))
   g_NxN = np.zeros((x_NxP.shape[0],) * 2, np.float64)
   for s in range(0, x_NxP.shape[1], chunk):
     block = x_NxP[:, s:s + chunk].astype(np.float64)
@@ -33,14 +35,19 @@ def row_cosine(x_NxP: np.ndarray) -> np.ndarray:
   return cosine_from_gram(gram(x_NxP))
 
 
-def cross_cosine(a_NxP: np.ndarray, b_MxP: np.ndarray) -> np.ndarray:
-  """[N, M] cosine between the rows of a and the rows of b (float64, zero rows give 0)."""
-  a = np.array(a_NxP, np.float64)  # one float64 copy each, normalised in place
-  b = np.array(b_MxP, np.float64)
-  na_N, nb_M = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-  a /= np.where(na_N > 0, na_N, 1.0)[:, None]
-  b /= np.where(nb_M > 0, nb_M, 1.0)[:, None]
-  return np.clip(a @ b.T, -1.0, 1.0)
+def _unit_rows(x_NxP: np.ndarray, dtype) -> np.ndarray:
+  """A `dtype` copy of the rows scaled to norm 1 (norms in float64; zero rows stay 0)."""
+  x = np.array(x_NxP, dtype)
+  norm_N = np.sqrt(np.einsum("np,np->n", x, x, dtype=np.float64))
+  x /= np.where(norm_N > 0, norm_N, 1.0).astype(dtype)[:, None]
+  return x
+
+
+def cross_cosine(a_NxP: np.ndarray, b_MxP: np.ndarray, dtype=np.float64) -> np.ndarray:
+  """[N, M] cosine between the rows of a and the rows of b (zero rows give 0), computed
+  in `dtype`: float32 halves the memory of the large neuron-by-neuron matrices."""
+  out = _unit_rows(a_NxP, dtype) @ _unit_rows(b_MxP, dtype).T
+  return np.clip(out, -1.0, 1.0, out=out)
 
 
 def flat_cosine(mats_NxP: np.ndarray) -> np.ndarray:

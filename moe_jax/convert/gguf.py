@@ -59,6 +59,15 @@ class GgufTensor:
 class GgufFile:
   fields: dict[str, Any]    # metadata key -> Python value (arrays as lists)
   tensors: list[GgufTensor]
+  buf: mmap.mmap | None = None  # the file's mapping, which every tensor's `data` views
+
+  def release(self, t: GgufTensor) -> None:
+    """Drops `t`'s mapped pages from this process's resident set (they are read again
+    from the page cache if touched), so streaming a file leaves no trace of what it read."""
+    if self.buf is None or not hasattr(mmap, "MADV_DONTNEED"):
+      return
+    start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    self.buf.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
 
 
 class _Cursor:
@@ -137,7 +146,7 @@ def _parse(path: str) -> GgufFile:
     data = (raw.view(typed).reshape(np_dims) if typed is not None else
             raw.reshape(gguf.quant_shape_to_byte_shape(np_dims, qtype)))
     tensors.append(GgufTensor(name, qtype, dims, at, n_bytes, data))
-  return GgufFile(fields, tensors)
+  return GgufFile(fields, tensors, buf)
 
 
 def open_reader(path: str) -> GgufFile:
@@ -224,6 +233,9 @@ def iter_gguf_tensors(path: str, reader: GgufFile | None = None, prefix: str = "
     except KeyError:
       raise ValueError(f"{path}: unexpected tensor {t.name!r} for a llama model") from None
     w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    if np.may_share_memory(w, t.data):  # float32 tensors come back as views of the file
+      w = w.copy()
+    reader.release(t)
     w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
     if name.endswith("q_proj.weight"):
       w = unpermute_rotary(w, cfg["num_attention_heads"])
