@@ -14,7 +14,9 @@ import subproc
 from configs import analyze as analyze_config, train as train_config
 from configs import upcycle as upcycle_config
 from moe_jax import runs
+from moe_jax.analysis import static
 from moe_jax.convert import gguf, load
+from moe_jax.upcycle import methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = subproc.env()
@@ -106,3 +108,46 @@ def test_bad_input_is_one_line(models, tmp_path):
     with pytest.raises(ValueError, match=msg):
       _analyze(workdir=str(out), **kw)
     assert not out.exists()
+
+
+def _predicted_drop_cosine(a: np.ndarray, dropped: np.ndarray, neuron_axis: int):
+  """(mean, sd) of cos(expert, base) for drop: the kept neurons are a's, the `dropped`
+  ones x are redrawn from N(mu, sd^2) of all of a, so <expert, a> = |kept|^2 + <x, a_R>
+  with mean mu * sum(a_R) and variance sd^2 |a_R|^2, and ||expert||^2 is |kept|^2 +
+  n_R (mu^2 + sd^2) to within a relative sqrt(2 / n_R)."""
+  a = np.moveaxis(a.astype(np.float64), neuron_axis, 0)  # [F, ...] one neuron per row
+  mu, var = a.mean(), a.var()
+  kept, a_r = np.delete(a, dropped, axis=0), a[dropped]
+  k2 = (kept ** 2).sum()
+  norm = np.sqrt((k2 + a_r.size * (mu ** 2 + var)) * (a ** 2).sum())
+  return (k2 + mu * a_r.sum()) / norm, np.sqrt(var * (a_r ** 2).sum()) / norm
+
+
+@pytest.mark.parametrize("layer_id", [0, 29])
+def test_smollm2_copy_and_drop_upcycles_analysed_against_their_construction(layer_id):
+  """The embedded model's own weights: copy experts are the base (every similarity 1);
+  drop (r = 0.5) experts sit at the cosine to the base their construction predicts from
+  the dropped neurons (drop_indices replays the method's first draws)."""
+  ref = load.open_source("").layer(layer_id)
+  dense = methods.DenseFfn(*(ref[("mlp", m)] for m in ("w_gate", "w_up", "w_down")))
+  router = np.random.default_rng(0).normal(0, 0.02, (dense.w_gate_DxF.shape[0], 8))
+  for method in ("copy", "drop"):
+    spec = methods.UpcycleSpec(method, num_experts=8, top_k=2, drop_ratio=0.5)
+    experts = methods.METHODS[method](dense, spec, np.random.default_rng(3))
+    layer = {**{p: w for p, w in ref.items() if p[0] != "mlp"}, ("mlp", "router"): router}
+    for m, w in zip(("w_gate", "w_up", "w_down"), experts[:3]):
+      layer[("mlp", m)] = np.asarray(w)
+    out = static.analyse_layer(layer, ref)
+    for i, m in enumerate(("w_gate", "w_up", "w_down")):
+      got = np.asarray(out["to_base"]["cosine"][f"mlp.{m}"])
+      if method == "copy":
+        np.testing.assert_allclose(out["weight_cosine"][m], np.ones((9, 9)), atol=1e-6)
+        np.testing.assert_allclose(got, 1.0, atol=1e-6)
+        continue
+      idx = methods.drop_indices(dense[i].shape[0 if m == "w_down" else 1], spec,
+                                 np.random.default_rng(3))
+      want, sd = np.array([_predicted_drop_cosine(dense[i], idx[e, i],
+                                                  0 if m == "w_down" else 1) for e in range(8)]).T
+      assert np.all(np.abs(got - want) < 5 * sd + 1e-4), (m, got, want, sd)
+      assert np.all(got < 0.9)  # half the neurons redrawn: far from the base
+    assert out["to_base"]["cosine"]["attn.wq"] == pytest.approx(1.0)

@@ -108,10 +108,14 @@ def pca_experts(result, extra, workdir):
     n = p["neurons"]
     c, lab = np.asarray(n["coords"]), np.asarray(n["labels"])
     row[3].scatter(c[:, 0], c[:, 1], c=lab, cmap="tab10", s=2, alpha=0.4)
-    row[3].set_title(f"layer {i} neurons by expert", fontsize=9)
+    row[3].set_title(f"layer {i} neurons by expert (var {np.sum(n['ratio']):.2f})", fontsize=9)
+    for ax in row:
+      ax.set_xlabel("PC 1", fontsize=8)
+    row[0].set_ylabel("PC 2", fontsize=8)
   return _save(fig, workdir, "pca.png"), (
       "Two-dimensional PCA of the experts (one point per expert matrix, the star is the "
-      "reference) and of all experts' neurons coloured by expert.")
+      "reference) and of all experts' neurons coloured by expert; the titles give the "
+      "variance the two components explain.")
 
 
 def to_base_by_layer(result, extra, workdir):
