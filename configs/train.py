@@ -32,6 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.moe = ml_collections.ConfigDict(dict(backend="dropless", capacity_factor=1.0,
                                          aux_loss_coeff=1e-2, z_loss_coeff=1e-3, jitter=0.0))
   c.dtype = "float32"
+  # A resume (the workdir has a finished step) must match the saved run's config, except
+  # for loop cadence, steps and mesh (moe_jax/train/init_plan.py RESUME_FREE). Deliberate
+  # changes are named here, comma-separated keys or sections: 'optim.lr,optim.schedule'.
+  c.resume_allow = ""
   # Device mesh (moe_jax/sharding.py); one axis may be -1 = the rest of the devices. The
   # batch splits over data*fsdp*expert; expert > 1 makes the MoE dispatch expert-parallel
   # (all_to_all over `expert`). Pod slice shapes: README "TPU pods", moe_jax/launch.py.

@@ -11,8 +11,10 @@ more of the scope (the streaming converter writes each root tensor as it arrives
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
-from moe_jax import sharding
+from moe_jax import locks, sharding
 from moe_jax.config import ModelConfig
 from moe_jax.models import llama
 from moe_jax.stacked import ExpertStack
@@ -47,23 +49,75 @@ def is_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, MARKER))
 
 
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two existing paths (Linux renameat2 RENAME_EXCHANGE); False where
+  the system cannot."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.renameat2
+  except (OSError, AttributeError):
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def clean_stale_temps(path: str) -> None:
+  """Removes the temp dirs a killed writer of `path` left beside it (their writer's pid,
+  in the name, is gone), and puts back an old copy set aside by an interrupted
+  overwrite when `path` itself is missing."""
+  parent, name = os.path.split(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    return
+  for entry in os.listdir(parent):
+    m = re.fullmatch(re.escape(f".{name}.") + r"(tmp|old)-(\d+)-.*", entry)
+    if not m or _alive(int(m.group(2))):
+      continue
+    stale = os.path.join(parent, entry)
+    if m.group(1) == "old" and not os.path.exists(path):
+      os.rename(stale, path)  # the overwrite died between its two renames
+    else:
+      shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
-  """Yields a temp dir beside `path`; renames it to `path` only if the body succeeds."""
+  """Yields a temp dir beside `path` (holding its lock, moe_jax.locks); it becomes `path`
+  only if the body succeeds. An overwrite swaps the two atomically where the OS can (else
+  old aside, new in, old removed), so a kill at any moment leaves a complete old or a
+  complete new `path`; what a killed writer left is cleaned by the next one."""
   path = os.path.abspath(path)
-  if os.path.exists(path) and os.listdir(path) and not overwrite:
-    raise FileExistsError(f"{path}: exists and is not empty (pass overwrite to replace it)")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".tmp-", dir=parent)
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.rename(tmp, path)
+  with locks.hold(path):  # one writer per path
+    clean_stale_temps(path)
+    if os.path.exists(path) and os.listdir(path) and not overwrite:
+      raise FileExistsError(f"{path}: exists and is not empty (pass overwrite to replace it)")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is as readable as its parent
+    try:
+      yield tmp
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    if not os.path.exists(path):
+      os.rename(tmp, path)
+    elif _exchange(tmp, path):
+      shutil.rmtree(tmp)  # now the old one
+    else:
+      aside = os.path.join(parent, f".{name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+      os.rename(path, aside)  # a kill from here to the next rename: clean_stale_temps restores
+      os.rename(tmp, path)
+      shutil.rmtree(aside)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

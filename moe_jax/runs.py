@@ -5,6 +5,7 @@ a GGUF file, an HF directory, a moe_jax checkpoint, a train workdir or one of it
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -12,7 +13,7 @@ import time
 import jax
 from absl import logging
 
-from moe_jax import checkpoint, sharding
+from moe_jax import checkpoint, locks, sharding
 from moe_jax import evaluate as eval_lib
 from moe_jax.convert import load
 from moe_jax.data import corpus, pipeline
@@ -213,10 +214,16 @@ def train(config, workdir: str) -> dict:
 def train_model(config, workdir: str):
   """(trained model, last logged metrics) of the run `config` describes
   (moe_jax.train.init_plan), resumable from `workdir`. Every process of a multi-host run
-  calls this (after `moe_jax.distributed.initialize`); process 0 writes the files."""
+  calls this (after `moe_jax.distributed.initialize`); process 0 writes the files, holding
+  the workdir's lock (moe_jax.locks) from start to end: one run per workdir."""
+  workdir = os.path.abspath(workdir)
+  with locks.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train_model(config, workdir)
+
+
+def _train_model(config, workdir: str):
   loop_cfg = loop_lib.LoopConfig(**config.loop)
   opt_cfg = optim.OptimConfig(**config.optim)
-  workdir = os.path.abspath(workdir)
   texts = data_texts(config)
   plan = init_plan.plan(config, workdir, train_texts=texts[0])
   mesh = train_mesh(config, plan.num_experts)  # before anything is built

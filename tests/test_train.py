@@ -86,7 +86,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
   r = subprocess.run(_cmd(work, "--config.loop.steps=12", "--config.loop.inject_nan_at_step=5"),
                      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert r.returncode == 1
-  assert "step 6: loss is nan; stopped. Last good checkpoint: 4" in r.stderr
+  assert "step 6: loss is nan; stopped, this step not saved. Last good checkpoint: 4" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
   assert _steps(work) == [4]
 
 
@@ -94,6 +95,19 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     ("init", "/no/such/ckpt", "/no/such/ckpt: checkpoint not found"),
     ("loop.seq_len", 4096, "config.loop.seq_len=4096: above the model's limit"),
     ("optim.schedule", "linear", "optim.schedule='linear'"),
+    ("loop.steps", 0, "config.loop.steps=0: expected an integer >= 1"),
+    ("loop.batch_size", 0, "config.loop.batch_size=0"),
+    ("loop.ckpt_every", 0, "config.loop.ckpt_every=0"),
+    ("loop.log_every", 0, "config.loop.log_every=0"),
+    ("loop.eval_every", 0, "config.loop.eval_every=0"),
+    ("loop.keep", 0, "config.loop.keep=0"),
+    ("optim.lr", float("nan"), "config.optim.lr=nan: expected a finite value > 0"),
+    ("optim.lr", -1e-3, "config.optim.lr=-0.001"),
+    ("optim.b1", 1.0, "config.optim.b1=1.0: expected a finite value >= 0 and < 1"),
+    ("optim.clip_norm", -1.0, "config.optim.clip_norm=-1.0"),
+    ("optim.weight_decay", -0.1, "config.optim.weight_decay=-0.1"),
+    ("optim.decay_fraction", 1.5, "config.optim.decay_fraction=1.5"),
+    ("optim.final_lr_fraction", -0.1, "config.optim.final_lr_fraction=-0.1"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, key, value, msg):
   """In process (the binary's one-line boundary is tested below and in

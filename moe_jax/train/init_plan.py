@@ -12,6 +12,7 @@ from and the provenance the run's checkpoints will carry. Kinds:
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import ml_collections
@@ -107,8 +108,44 @@ def _routers(config, src: load.Source, tok, spec, layer_ids):
                                 seed=config.loop.seed, std=config.router_std)
 
 
+# Keys a resume may change without saying so: how often the loop logs, evaluates and
+# saves, how far it runs, and the device layout. Everything else that differs from the
+# saved run (model, init, data, optimizer) is refused unless named in config.resume_allow.
+RESUME_FREE = ("loop.steps", "loop.log_every", "loop.eval_every", "loop.eval_batches",
+               "loop.ckpt_every", "loop.keep", "loop.inject_nan_at_step", "mesh",
+               "resume_allow")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resume_config(saved: dict, new: dict, allow: str, where: str) -> None:
+  """Refuses, in one line naming the first key, a resume whose config differs from the
+  saved run's outside RESUME_FREE and the comma-separated keys (or sections) `allow`."""
+  free = RESUME_FREE + tuple(k.strip() for k in allow.split(",") if k.strip())
+  old, cur = _flat(saved), _flat(json.loads(json.dumps(new, default=str)))  # as saved
+  for key in sorted(set(old) | set(cur)):
+    if any(key == f or key.startswith(f + ".") for f in free):
+      continue
+    if old.get(key, "<unset>") != cur.get(key, "<unset>"):
+      raise ValueError(
+          f"{where}: resuming with config.{key}={cur.get(key, '<unset>')!r}, but the saved "
+          f"run has {old.get(key, '<unset>')!r}; use a new workdir, or allow the change "
+          f"with --config.resume_allow={key}")
+
+
 def _resume(config, step_dir: str) -> InitPlan:
   src = load.open_source(step_dir)
+  saved = src.meta.get("provenance", {}).get("train_config")
+  if saved is not None:  # runs saved before this check have none
+    check_resume_config(saved, config.to_dict(), config.get("resume_allow", ""), step_dir)
   provenance = dict(src.meta.get("provenance", {}), train_config=config.to_dict())
   return InitPlan("resume", src.cfg, src.tokenizer(), provenance=provenance,
                   resume_step=int(src.meta["step"]))

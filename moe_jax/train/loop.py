@@ -41,6 +41,14 @@ class LoopConfig:
   keep: int = 2
   inject_nan_at_step: int = -1   # testing hook: poison that step's loss mask with NaN
 
+  def __post_init__(self):
+    minimum = {"steps": 1, "batch_size": 1, "seq_len": 2, "log_every": 1, "eval_every": 1,
+               "eval_batches": 0, "ckpt_every": 1, "keep": 1}
+    for key, low in minimum.items():
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"config.loop.{key}={value!r}: expected an integer >= {low}")
+
 
 class Preempted:
   """Set by SIGTERM; the loop saves at the next step boundary and exits 0."""
@@ -77,6 +85,15 @@ def _restore(mngr, step: int, state: nnx.State, data_iter, mesh) -> None:
       state=ocp.args.StandardRestore(target),
       data=grain.checkpoint.CheckpointRestore(data_iter)))
   nnx.replace_by_pure_dict(state, restored["state"])
+
+
+def _non_finite(loss: float, grad_norm: float, params_finite: bool) -> str:
+  """What is not finite after a step ('' if nothing): such a step is never saved."""
+  if not math.isfinite(loss):
+    return f"loss is {loss}"
+  if not math.isfinite(grad_norm):
+    return f"the gradient norm is {grad_norm} (loss {loss:.4f})"
+  return "" if params_finite else "the updated params hold NaN or Inf"
 
 
 def _batch_to_device(batch: dict[str, np.ndarray], mesh, global_rows: int
@@ -176,11 +193,12 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
                                 _batch_to_device(batch, mesh, loop.batch_size),
                                 jax.random.fold_in(key, step))
       loss = float(m["loss"])
-      if not math.isfinite(loss):
+      bad = _non_finite(loss, float(m["grad_norm"]), bool(m["params_finite"]))
+      if bad:
         mngr.wait_until_finished()
         writer.close()
         raise FloatingPointError(
-            f"step {step + 1}: loss is {loss}; stopped. Last good checkpoint: "
+            f"step {step + 1}: {bad}; stopped, this step not saved. Last good checkpoint: "
             f"{mngr.latest_step() or 'none'} in {mngr.directory}")
       tokens_since += float(m["tokens"])
       done = step + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import optax
@@ -29,12 +30,30 @@ class OptimConfig:
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
-      raise ValueError(f"optim.schedule={self.schedule!r}: expected one of {sorted(SCHEDULES)}")
+      raise ValueError(f"config.optim.schedule={self.schedule!r}: expected one of "
+                       f"{sorted(SCHEDULES)}")
     if self.total_steps < 1 or self.warmup_steps < 0:
-      raise ValueError(f"optim.total_steps={self.total_steps}/warmup_steps={self.warmup_steps}: "
+      raise ValueError(f"config.optim.total_steps={self.total_steps}/warmup_steps={self.warmup_steps}: "
                        "expected total >= 1 and warmup >= 0")
-    if self.lr <= 0:
-      raise ValueError(f"optim.lr={self.lr}: expected > 0")
+    ranges = {  # key: (low, high, high included)
+        "lr": (0.0, math.inf, False), "eps": (0.0, math.inf, False),
+        "b1": (0.0, 1.0, False), "b2": (0.0, 1.0, False),
+        "decay_fraction": (0.0, 1.0, True), "final_lr_fraction": (0.0, 1.0, True),
+        "weight_decay": (0.0, math.inf, False), "clip_norm": (0.0, math.inf, False),
+        "router_lr_mult": (0.0, math.inf, False)}
+    positive = {"lr", "eps"}
+    for key, (low, high, high_ok) in ranges.items():
+      v = getattr(self, key)
+      ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (v > low if key in positive else v >= low) and (v <= high if high_ok else v < high))
+      if not ok:
+        want = (f"a finite value {'>' if key in positive else '>='} {low:g}" +
+                (f" and {'<=' if high_ok else '<'} {high:g}" if math.isfinite(high) else ""))
+        raise ValueError(f"config.optim.{key}={v!r}: expected {want}")
+    if self.lr * self.weight_decay >= 1.0:  # AdamW scales params by 1 - lr * wd each step
+      raise ValueError(f"config.optim.lr={self.lr:g} x weight_decay={self.weight_decay:g} = "
+                       f"{self.lr * self.weight_decay:g}: expected < 1 (decoupled weight decay "
+                       "multiplies the params by 1 - lr * weight_decay every step)")
 
 
 def _cosine(c: OptimConfig) -> optax.Schedule:

@@ -38,6 +38,11 @@ def update_router_biases(model, moe_stats: dict) -> None:
                                                   block.cfg.bias_update_rate)
 
 
+def all_finite(tree) -> jax.Array:
+  """One boolean: no leaf of `tree` holds a NaN or an Inf."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 @nnx.jit(donate_argnums=(0, 1))
 def train_step(model, optimizer: nnx.Optimizer, batch: dict, rng: jax.Array):
   """One optimiser step; returns scalar metrics and per-layer router statistics."""
@@ -45,7 +50,8 @@ def train_step(model, optimizer: nnx.Optimizer, batch: dict, rng: jax.Array):
   (loss, metrics), grads = grad_fn(model)
   optimizer.update(model, grads)
   update_router_biases(model, metrics["moe"])
-  metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+  metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                 params_finite=all_finite(nnx.state(model, nnx.Param)))
   return _replicated(metrics)
 
 

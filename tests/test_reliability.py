@@ -1,0 +1,144 @@
+"""Failures that must not corrupt anything (issue: reliability): a non-finite step is
+never saved, a resume cannot silently change the run, one writer per workdir, and an
+overwrite killed at any moment leaves a complete old or a complete new directory."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import subproc
+
+from configs import train as train_config
+from moe_jax import checkpoint, locks, runs, sweep
+from moe_jax.convert import load
+from moe_jax.train import init_plan, loop as loop_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = subproc.env()
+
+
+def _config(**overrides):
+  c = sweep.apply(train_config.get_config("scratch,runlocal,experts=2,topk=1"), overrides)
+  c.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
+  c.data.max_docs = 8
+  c.loop.update(steps=2, batch_size=2, seq_len=32, eval_batches=0, ckpt_every=2, log_every=1)
+  return c
+
+
+def test_non_finite_step_is_reported_and_not_saved():
+  assert loop_lib._non_finite(float("nan"), 1.0, True) == "loss is nan"
+  assert "gradient norm is nan" in loop_lib._non_finite(2.0, float("nan"), True)
+  assert "params hold NaN or Inf" in loop_lib._non_finite(2.0, 1.0, False)
+  assert loop_lib._non_finite(2.0, 1.0, True) == ""
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_diverging_run_stops_before_saving_non_finite_params(tmp_path):
+  """An LR past float32's range makes the first update non-finite while that step's loss
+  and gradients are finite: the run stops there in one line and saves nothing non-finite
+  (before the params check, that step was saved as good)."""
+  work = str(tmp_path / "run")
+  c = _config(**{"optim.lr": 1e39, "optim.weight_decay": 0.0})
+  c.optim.warmup_steps = 0
+  c.loop.update(steps=8, ckpt_every=1, keep=8)
+  with pytest.raises(FloatingPointError, match="stopped, this step not saved") as e:
+    runs.train(c, work)
+  assert "\n" not in str(e.value) and "the updated params hold NaN or Inf" in str(e.value)
+  ckpt = os.path.join(work, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+  assert f"Last good checkpoint: {max(steps) if steps else 'none'} " in str(e.value)
+  for step in steps:
+    model = load.open_source(os.path.join(work, "checkpoints", str(step))).model()
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    assert all(np.all(np.isfinite(np.asarray(v.get_value()))) for _, v in params), step
+
+
+def test_weight_decay_that_grows_the_params_is_refused(tmp_path):
+  """lr=100 with weight decay 0.1 (AdamW multiplies the params by 1 - 10 every step) used
+  to save finite but useless steps until the gradients overflowed at step 15."""
+  with pytest.raises(ValueError, match=r"config.optim.lr=100 x weight_decay=0.1 = 10: expected < 1"):
+    runs.train(_config(**{"optim.lr": 100.0}), str(tmp_path / "run"))
+  assert os.listdir(tmp_path) == []
+
+
+def test_resume_refuses_a_changed_model_and_allows_what_is_named(tmp_path):
+  work = str(tmp_path / "run")
+  runs.train(_config(), work)
+  changed = _config(**{"upcycle.num_experts": 4})
+  with pytest.raises(ValueError, match="config.upcycle.num_experts=4, but the saved run has 2"):
+    runs.train(changed, work)
+  longer = _config()
+  longer.loop.steps = 3  # more steps (and cadence) may change without saying so
+  assert runs.train(longer, work)["loss"] > 0
+  new_lr = _config(**{"optim.lr": 5e-4})
+  new_lr.loop.steps = 4
+  with pytest.raises(ValueError, match="--config.resume_allow=optim.lr"):
+    runs.train(new_lr, work)
+  new_lr.resume_allow = "optim"
+  assert runs.train(new_lr, work)["loss"] > 0
+
+
+def test_check_resume_config_names_the_first_changed_key():
+  saved = {"loop": {"steps": 2, "seed": 0}, "optim": {"lr": 1e-3}, "mesh": {"data": 1}}
+  init_plan.check_resume_config(saved, {"loop": {"steps": 9, "seed": 0}, "optim": {"lr": 1e-3},
+                                        "mesh": {"data": 4}}, "", "w")
+  with pytest.raises(ValueError, match=r"^w: resuming with config.loop.seed=1"):
+    init_plan.check_resume_config(saved, {"loop": {"steps": 2, "seed": 1},
+                                          "optim": {"lr": 1e-3}}, "", "w")
+
+
+def test_second_writer_is_refused_in_one_line(tmp_path):
+  work = tmp_path / "run"
+  with locks.hold(str(work)):
+    r = subprocess.run([sys.executable, "-m", "experiments.train", f"--workdir={work}",
+                        "--config=configs/train.py:scratch,runlocal", "--config.loop.steps=1"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1 and "in use by another run (pid" in r.stderr
+  assert not work.exists() and os.listdir(tmp_path) == []  # the lock file goes with its holder
+  with checkpoint.atomic_dir(str(tmp_path / "out")) as tmp:
+    with pytest.raises(locks.Busy):
+      with checkpoint.atomic_dir(str(tmp_path / "out")):
+        pass
+    open(os.path.join(tmp, "a"), "w").close()
+  assert os.listdir(tmp_path / "out") == ["a"]
+
+
+_OVERWRITE = """
+import os, signal, sys, shutil
+from moe_jax import checkpoint
+path, phase = sys.argv[1], sys.argv[2]
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+if phase == "no_exchange":  # the fallback: killed between the two renames
+  checkpoint._exchange = lambda a, b: False
+  real = os.rename
+  os.rename = lambda a, b: (real(a, b), die()) if ".old-" in b else real(a, b)
+if phase == "after_swap":  # killed while removing the old copy
+  shutil.rmtree = die
+with checkpoint.atomic_dir(path, overwrite=True) as tmp:
+  for i in range(3):
+    with open(os.path.join(tmp, f"part{i}"), "w") as f:
+      f.write("new")
+    if phase == "body" and i == 1:
+      die()
+"""
+
+
+@pytest.mark.parametrize("phase", ["body", "after_swap", "no_exchange", "none"])
+def test_overwrite_killed_at_any_phase_leaves_a_complete_directory(tmp_path, phase):
+  path = tmp_path / "ckpt"
+  path.mkdir()
+  for i in range(3):
+    (path / f"part{i}").write_text("old")
+  r = subprocess.run([sys.executable, "-c", _OVERWRITE, str(path), phase], cwd=ROOT, env=ENV,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == (0 if phase == "none" else -signal.SIGKILL), r.stderr
+  checkpoint.clean_stale_temps(str(path))  # what the next writer into the parent does first
+  contents = {p.read_text() for p in path.iterdir()}
+  assert sorted(os.listdir(path)) == ["part0", "part1", "part2"] and len(contents) == 1
+  assert contents == ({"old"} if phase in ("body", "no_exchange") else {"new"})
+  assert sorted(os.listdir(tmp_path)) in (["ckpt"], [".ckpt.lock", "ckpt"])
