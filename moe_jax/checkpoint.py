@@ -120,11 +120,28 @@ def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
       shutil.rmtree(aside)
 
 
+def strict_json(obj: Any) -> Any:
+  """`obj` with every NaN or infinite float as None: what JSON (RFC 8259) can hold."""
+  if isinstance(obj, dict):
+    return {k: strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict_json(v) for v in obj]
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if np.isfinite(obj) else None
+  return obj
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
+  """Strict JSON (non-finite floats as null) written whole or not at all."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(strict_json(obj), f, indent=2, sort_keys=True, allow_nan=False)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
 
 
 def split_items(pure: dict) -> Iterator[tuple[str, dict]]:

@@ -43,22 +43,44 @@ def _summary_writer():
   return SummaryWriter
 
 
+def _keep_rows_through(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without its rows after `step` (and any torn last line)."""
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if row.get("step", 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
 class MetricWriter:
   """Writes scalars to workdir/metrics.jsonl and TensorBoard; a no-op off process 0."""
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, resumed_at: int = 0):
+    """`resumed_at`: the step a resumed run restarts from; rows logged after it by the
+    interrupted run are dropped, since the resumed run logs those steps again."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resumed_at and os.path.exists(path):
+        _keep_rows_through(path, resumed_at)
+      self._jsonl = open(path, "a")
       self._tb = _summary_writer()(os.path.join(workdir, "tb"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
+    row = {"step": step, **{k: v if math.isfinite(v) else None for k, v in clean.items()}}
+    self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
     self._jsonl.flush()
     for k, v in clean.items():
       if math.isfinite(v):

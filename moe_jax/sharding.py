@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -131,6 +132,9 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
   if size < len(devices) and jax.process_count() > 1:
     raise ValueError(f"mesh {_fmt(shape)} uses {size} of {len(devices)} devices; with "
                      f"{jax.process_count()} processes it must use all (set one axis to -1)")
+  if size < len(devices):
+    logging.warning("mesh %s uses %d of the %d devices (set one axis to -1 to use all)",
+                    _fmt(shape), size, len(devices))
   return jax.make_mesh(tuple(shape.values()), MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=devices[:size])
 

@@ -1,6 +1,7 @@
 """Failures that must not corrupt anything (issue: reliability): a non-finite step is
 never saved, a resume cannot silently change the run, one writer per workdir, and an
 overwrite killed at any moment leaves a complete old or a complete new directory."""
+import json
 import os
 import signal
 import subprocess
@@ -142,3 +143,82 @@ def test_overwrite_killed_at_any_phase_leaves_a_complete_directory(tmp_path, pha
   assert sorted(os.listdir(path)) == ["part0", "part1", "part2"] and len(contents) == 1
   assert contents == ({"old"} if phase in ("body", "no_exchange") else {"new"})
   assert sorted(os.listdir(tmp_path)) in (["ckpt"], [".ckpt.lock", "ckpt"])
+
+
+def test_non_finite_source_tensor_is_named_in_one_line(tmp_path, monkeypatch):
+  import hf_models  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from configs import upcycle as upcycle_config  # pylint: disable=g-import-not-at-top
+  model = hf_models.make_model("llama")
+  with torch.no_grad():
+    model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+  model.save_pretrained(str(tmp_path / "hf"))
+  out = tmp_path / "up"
+  r = subprocess.run([sys.executable, "-m", "experiments.upcycle", f"--workdir={out}",
+                      "--config=configs/upcycle.py:method=copy,experts=2,topk=1",
+                      f"--config.source={tmp_path / 'hf'}", "--config.eval_windows=0"],
+                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert "model.safetensors: tensor model.layers.1.mlp.up_proj.weight holds 1 NaN" in r.stderr
+  assert not out.exists() and sorted(os.listdir(tmp_path)) == ["hf"]
+  monkeypatch.setenv(load.ALLOW_NONFINITE, "1")  # the debugging opt-out imports it
+  c = upcycle_config.get_config("method=copy,experts=2,topk=1")
+  c.update(source=str(tmp_path / "hf"), eval_windows=0)
+  runs.upcycle(c, str(out))
+  assert checkpoint.is_checkpoint(str(out))
+
+
+def test_json_outputs_are_strict(tmp_path):
+  path = str(tmp_path / "x.json")
+  checkpoint.write_json_atomic(path, {"loss": float("nan"), "v": [1.0, float("inf")],
+                                      "n": np.float32(2.5)})
+  with open(path) as f:
+    text = f.read()
+  assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {
+      "loss": None, "n": 2.5, "v": [1.0, None]}
+  assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
+  from moe_jax import metrics  # pylint: disable=g-import-not-at-top
+  w = metrics.MetricWriter(str(tmp_path), enabled=True)
+  for step in range(1, 7):
+    w.write(step, {"loss": 1.0 / step, "bad": float("nan")})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 7, "lo')  # a torn line from a kill
+  metrics.MetricWriter(str(tmp_path), enabled=True, resumed_at=4).close()
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[0]["bad"] is None
+
+
+def _truncate_largest(step_dir):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
+           for f in fs]
+  big = max(files, key=os.path.getsize)
+  with open(big, "r+b") as f:
+    f.truncate(os.path.getsize(big) // 2)
+
+
+def test_corrupt_latest_step_falls_back_then_fails_in_one_line(tmp_path, caplog):
+  work = str(tmp_path / "run")
+  c = _config()
+  c.loop.update(steps=4, ckpt_every=2, keep=3)
+  runs.train(c, work)
+  ckpt = os.path.join(work, "checkpoints")
+  _truncate_largest(os.path.join(ckpt, "4"))
+  c.loop.steps = 5
+  with caplog.at_level("WARNING"):
+    last = runs.train(c, work)  # step 4 does not restore: resumes from 2, runs 3..5
+  assert np.isfinite(last["loss"])
+  assert any("checkpoints/4 does not restore" in r.getMessage() for r in caplog.records)
+  steps = [json.loads(l)["step"] for l in open(os.path.join(work, "metrics.jsonl"))]
+  assert steps == [1, 2, 3, 4, 5]  # rows after step 2 were dropped, then logged again
+  for s in ("2", "4", "5"):
+    if os.path.isdir(os.path.join(ckpt, s)):
+      _truncate_largest(os.path.join(ckpt, s))
+  c.loop.steps = 6
+  with pytest.raises(ValueError, match="no checkpoint restores") as e:
+    runs.train(c, work)
+  assert "\n" not in str(e.value)

@@ -73,9 +73,10 @@ class Source:
     """(HF name, float32 array, file) one tensor at a time: streamed from GGUF and
     safetensors, from the loaded model for moe_jax and train checkpoints."""
     if self.kind == "gguf":
-      return ((n, w, self.path) for n, w in gguf.iter_gguf_tensors(self.path, self.header))
+      return finite_tensors((n, w, self.path)
+                            for n, w in gguf.iter_gguf_tensors(self.path, self.header))
     if self.kind == "hf":
-      return hf.iter_safetensors(self.path)
+      return finite_tensors(hf.iter_safetensors(self.path))
     return _model_tensors(self.model(), self.path)
 
   def layer(self, i: int) -> dict[tuple, np.ndarray]:
@@ -92,10 +93,11 @@ class Source:
       flat = traverse_util.flatten_dict(
           train_ckpt.restore_model(self.path, traverse_util.unflatten_dict(host)))
     elif self.kind == "hf":
-      flat = _from_hf(self.cfg, hf.iter_safetensors(self.path, f"model.layers.{i}."), target)
+      flat = _from_hf(self.cfg, finite_tensors(
+          hf.iter_safetensors(self.path, f"model.layers.{i}.")), target)
     else:
       tensors = gguf.iter_gguf_tensors(self.path, self.header, f"blk.{i}.")
-      flat = _from_hf(self.cfg, ((n, w, self.path) for n, w in tensors), target)
+      flat = _from_hf(self.cfg, finite_tensors((n, w, self.path) for n, w in tensors), target)
     return {p[2:]: np.asarray(v, np.float32) for p, v in flat.items()}
 
   def sha256(self) -> str:
@@ -110,6 +112,22 @@ class Source:
       if key in self.meta:
         out[key] = self.meta[key]
     return out
+
+
+ALLOW_NONFINITE = "MOE_JAX_ALLOW_NONFINITE"  # =1: import NaN/Inf weights (debugging)
+
+
+def finite_tensors(tensors: Iterator[tuple[str, np.ndarray, str]]
+                   ) -> Iterator[tuple[str, np.ndarray, str]]:
+  """The (name, array, file) stream, refusing in one line the first tensor holding a NaN
+  or an Inf, unless the environment sets MOE_JAX_ALLOW_NONFINITE=1."""
+  check = os.environ.get(ALLOW_NONFINITE) != "1"
+  for name, w, source in tensors:
+    if check and not np.isfinite(w).all():
+      bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+      raise ValueError(f"{source}: tensor {name} holds {bad} NaN or Inf value(s); expected "
+                       f"finite weights (set {ALLOW_NONFINITE}=1 to import it anyway)")
+    yield name, w, source
 
 
 def _model_tensors(model: llama.Transformer, source: str):

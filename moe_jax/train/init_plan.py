@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from moe_jax import checkpoint, sharding
 from moe_jax import tokenizer as tokenizer_lib
@@ -61,7 +63,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
          train_texts: list[str] | None = None) -> InitPlan:
   """The InitPlan of a train config (see the module docstring). A scratch run with
   `scratch.tokenizer='bpe:N'` learns its vocabulary from `train_texts`."""
-  step_dir = train_ckpt.latest_step_dir(workdir)
+  step_dir = _readable_step(workdir)
   if step_dir is not None:
     return _resume(config, step_dir)
   spec = None if config.upcycle.method == "none" else methods.UpcycleSpec(**config.upcycle)
@@ -84,6 +86,22 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
                               _routers(config, src, tok, spec, cfg.moe_layer_ids))
   return InitPlan("upcycle", cfg.replace(dtype=config.dtype), tok, src, upcycler,
                   _provenance(config, src, spec))
+
+
+def _readable_step(workdir: str) -> str | None:
+  """The newest finished step whose metadata reads (an unreadable one is skipped with a
+  one-line warning); None for a fresh workdir."""
+  root = os.path.join(os.path.abspath(workdir), train_ckpt.CHECKPOINTS)
+  for step in reversed(train_ckpt.finished_steps(workdir)):
+    step_dir = os.path.join(root, str(step))
+    try:
+      meta = train_ckpt.read_meta(step_dir)
+      meta["model"], meta["step"]  # pylint: disable=pointless-statement
+      return step_dir
+    except (OSError, ValueError, KeyError) as e:
+      logging.warning("%s: its metadata does not read (%s); trying the previous step",
+                      step_dir, " ".join(str(e).split())[:200])
+  return None
 
 
 def _scratch_tokenizer(spec: str, train_texts: list[str] | None) -> tokenizer_lib.Tokenizer:

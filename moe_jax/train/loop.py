@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import signal
 import sys
 import time
@@ -96,6 +97,33 @@ def _non_finite(loss: float, grad_norm: float, params_finite: bool) -> str:
   return "" if params_finite else "the updated params hold NaN or Inf"
 
 
+def _one_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _restore_good(mngr, step: int, state: nnx.State, data_iter, mesh) -> int:
+  """Restores `step`, or else the newest earlier step that restores, saying so in one line
+  per step that does not; a one-line error naming the workdir if none does. A damaged
+  step is renamed `<step>.damaged` (kept, out of the way) so the run can save it anew."""
+  tried = []
+  for s in [step] + sorted((x for x in mngr.all_steps() if x < step), reverse=True):
+    try:
+      _restore(mngr, s, state, data_iter, mesh)
+    except Exception as e:  # orbax, tensorstore and OS errors of a damaged step
+      tried.append(f"step {s}: {_one_line(e)}")
+      logging.warning("%s/%d does not restore (%s); trying the previous step",
+                      mngr.directory, s, _one_line(e))
+      continue
+    if tried and jax.process_index() == 0:
+      for bad in (t.split(":")[0].split()[1] for t in tried):
+        path = os.path.join(str(mngr.directory), bad)
+        os.replace(path, f"{path}.damaged-{int(time.time())}")
+      mngr.reload()
+    return s
+  raise ValueError(f"{mngr.directory}: no checkpoint restores ({'; '.join(tried)})")
+
+
 def _batch_to_device(batch: dict[str, np.ndarray], mesh, global_rows: int
                      ) -> dict[str, jax.Array]:
   """This process's rows of the global batch as global arrays sharded over the batch axes."""
@@ -172,11 +200,11 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   state = nnx.state((model, optimizer))
   start = (mngr.latest_step() or 0) if resume_step is None else resume_step
   if start:
-    _restore(mngr, start, state, data_iter, mesh)
+    start = _restore_good(mngr, start, state, data_iter, mesh)
     nnx.update((model, optimizer), state)
     logging.info("resumed from step %d", start)
   meta = dict(meta or {}, format="moe_jax.train", model=model.cfg.to_dict())
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, resumed_at=start)
   flops_per_token = flops.train_flops_per_token(model.cfg, loop.seq_len)
   peak = flops.peak_flops_per_device()
   key = jax.random.key(loop.seed)
