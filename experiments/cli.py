@@ -4,9 +4,12 @@ A bad flag, an unknown config key or a user error (bad path, bad value) is one l
 stderr and exit status 1, never a traceback.
 """
 import ctypes
+import logging as std_logging
 import ctypes.util
+import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 
 from absl import flags, logging
@@ -25,14 +28,46 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
+TRACEBACK = "MOE_JAX_TRACEBACK"  # =1: let unexpected errors raise with their traceback
+
+
+def describe_error(e: BaseException) -> str:
+  """One line for an error: an OS error (disk full, permission, missing file) names its
+  file; anything else is its message with the whitespace folded."""
+  if isinstance(e, OSError) and e.filename is not None:
+    return f"{e.filename}: {e.strerror or e}"
+  return " ".join(str(e).split()) or type(e).__name__
+
+
+def _drop_background_tracebacks(record) -> bool:
+  """False for orbax's logged tracebacks of a failed background write: the same error
+  reaches the caller, and main_guard reports it in one line."""
+  return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 def main_guard(fn: Callable, *args, **kwargs):
-  """Runs `fn`; a user error becomes one line on stderr and exit status 1."""
+  """Runs `fn`. A user error or an OS error (a full disk is one) becomes one line on
+  stderr and exit status 1; so does any other error (orbax, safetensors, gguf), named by
+  its type, unless MOE_JAX_TRACEBACK=1 asks for the traceback."""
   if logging.get_verbosity() == logging.INFO:  # orbax logs every file at INFO; keep warnings
     logging.set_verbosity(logging.WARNING)
+  if os.environ.get(TRACEBACK) != "1":  # orbax's writer threads re-raise in the caller,
+    threading.excepthook = lambda a: logging.debug("thread %s: %r", a.thread, a.exc_value)
+    logging.get_absl_logger().addFilter(_drop_background_tracebacks)  # reported once there
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)  # "never retrieved"
+    # and tensorstore's callbacks print their own (PyErr_Print: sys.excepthook) after it
+    sys.excepthook = lambda *exc: logging.debug("background error: %r", exc[1])
+    sys.unraisablehook = lambda u: logging.debug("unraisable: %r", u.exc_value)
   try:
     return fn(*args, **kwargs)
-  except USER_ERRORS as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+  except USER_ERRORS + (OSError,) as e:
+    print(f"error: {describe_error(e)}", file=sys.stderr)
+    sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    if os.environ.get(TRACEBACK) == "1":
+      raise
+    print(f"error: {type(e).__name__}: {describe_error(e)[:500]} (set {TRACEBACK}=1 for the "
+          "traceback)", file=sys.stderr)
     sys.exit(1)
 
 

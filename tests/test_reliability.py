@@ -222,3 +222,30 @@ def test_corrupt_latest_step_falls_back_then_fails_in_one_line(tmp_path, caplog)
   with pytest.raises(ValueError, match="no checkpoint restores") as e:
     runs.train(c, work)
   assert "\n" not in str(e.value)
+
+
+_FULL_DISK = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("binary,args", [
+    ("experiments.upcycle", ["--config=configs/upcycle.py:method=copy,experts=2,topk=1",
+                             "--config.eval_windows=0"]),
+    ("experiments.train", ["--config=configs/train.py:scratch,runlocal", "--config.loop.steps=2",
+                           "--config.loop.seq_len=32", "--config.data.max_docs=4"]),
+])
+def test_full_disk_is_one_line(tmp_path, binary, args):
+  """A file-size limit stands in for a full disk: the write fails with EFBIG."""
+  out = tmp_path / "out"
+  r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(256 << 10), binary,
+                      f"--workdir={out}", *args], cwd=ROOT, env=ENV, capture_output=True,
+                     text=True, timeout=300)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+  assert lines[0].startswith("error: ") and "File too large" in lines[0], lines
+  if binary == "experiments.upcycle":  # nothing left: no checkpoint, no temp dir
+    assert sorted(os.listdir(tmp_path)) == ["out"] if out.exists() else os.listdir(tmp_path) == []
