@@ -8,6 +8,7 @@ import logging as std_logging
 import ctypes.util
 import os
 import re
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -39,6 +40,13 @@ def describe_error(e: BaseException) -> str:
   return " ".join(str(e).split()) or type(e).__name__
 
 
+def _exit_on_sigterm(signum, frame):
+  """SIGTERM as SystemExit(143): `finally` and `except BaseException` blocks run (the
+  training loop installs its own handler, which saves a checkpoint first)."""
+  del frame
+  raise SystemExit(128 + signum)
+
+
 def _drop_background_tracebacks(record) -> bool:
   """False for orbax's logged tracebacks of a failed background write: the same error
   reaches the caller, and main_guard reports it in one line."""
@@ -51,6 +59,7 @@ def main_guard(fn: Callable, *args, **kwargs):
   its type, unless MOE_JAX_TRACEBACK=1 asks for the traceback."""
   if logging.get_verbosity() == logging.INFO:  # orbax logs every file at INFO; keep warnings
     logging.set_verbosity(logging.WARNING)
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that temp dirs are cleaned up
   if os.environ.get(TRACEBACK) != "1":  # orbax's writer threads re-raise in the caller,
     threading.excepthook = lambda a: logging.debug("thread %s: %r", a.thread, a.exc_value)
     logging.get_absl_logger().addFilter(_drop_background_tracebacks)  # reported once there

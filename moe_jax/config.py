@@ -26,6 +26,11 @@ class RopeScaling:
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_scaling.rope_type={self.rope_type!r}: expected one of {ROPE_TYPES}")
+    for key in ("factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings"):
+      v = getattr(self, key)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"rope_scaling.{key}={v!r}: expected a positive number")
 
 
 @dataclasses.dataclass(frozen=True)

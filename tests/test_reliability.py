@@ -249,3 +249,112 @@ def test_full_disk_is_one_line(tmp_path, binary, args):
   assert lines[0].startswith("error: ") and "File too large" in lines[0], lines
   if binary == "experiments.upcycle":  # nothing left: no checkpoint, no temp dir
     assert sorted(os.listdir(tmp_path)) == ["out"] if out.exists() else os.listdir(tmp_path) == []
+
+
+def _hf_dir(tmp_path, edit_config=None):
+  import hf_models  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "hf"
+  hf_models.make_model("llama").save_pretrained(str(path))
+  if edit_config is not None:
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(edit_config(cfg)))
+  return path
+
+
+def _fp8_dir(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import load_file, save_file  # pylint: disable=g-import-not-at-top
+  path = _hf_dir(tmp_path)
+  tensors = load_file(str(path / "model.safetensors"))
+  tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
+  save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+  return path
+
+
+def _gguf_file(tmp_path, head_count=True):
+  import gguf as gguf_pkg  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "m.gguf")
+  w = gguf_pkg.GGUFWriter(path, "llama")
+  for key, value in (("embedding_length", 8), ("feed_forward_length", 16),
+                     ("block_count", 1), ("context_length", 32)):
+    w.add_uint32(f"llama.{key}", value)
+  if head_count:
+    w.add_uint32("llama.attention.head_count", 2)
+  w.add_uint32("llama.vocab_size", 10)
+  w.add_tensor("token_embd.weight", np.zeros((10, 8), np.float64))  # F64: not dequantised
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+def _no_model_meta(tmp_path):
+  from moe_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from moe_jax.models import llama  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "ck")
+  checkpoint.save(path, llama.create(ModelConfig(vocab_size=16, d_model=8, n_layers=1,
+                                                 n_heads=2, n_kv_heads=1, head_dim=4,
+                                                 ffn_dim=16)))
+  meta_file = os.path.join(path, checkpoint.MARKER)
+  meta = json.load(open(meta_file))
+  del meta["model"]
+  json.dump(meta, open(meta_file, "w"))
+  return path
+
+
+MALFORMED = {  # case: (make the input, what the one line says)
+    "config_list": (lambda t: _hf_dir(t, lambda c: []), "expected a JSON object of config keys"),
+    "config_null": (lambda t: _hf_dir(t, lambda c: None), "got NoneType"),
+    "rope_string": (lambda t: _hf_dir(t, lambda c: {**c, "rope_scaling": "linear"}),
+                    "rope_scaling='linear': expected an object"),
+    "rope_factor": (lambda t: _hf_dir(t, lambda c: {**c, "rope_scaling": {
+        "rope_type": "linear", "factor": "abc"}}), "rope_scaling.factor='abc'"),
+    "eps_string": (lambda t: _hf_dir(t, lambda c: {**c, "rms_norm_eps": "abc"}),
+                   "rms_norm_eps='abc': expected a number"),
+    "fp8_tensor": (_fp8_dir, "tensor model.norm.weight cannot be read"),
+    "gguf_f64": (_gguf_file, "tensor 'token_embd.weight' of type F64 cannot be dequantised"),
+    "gguf_no_heads": (lambda t: _gguf_file(t, head_count=False),
+                      "metadata llama.attention.head_count=None; expected a number"),
+    "no_model_meta": (_no_model_meta, "checkpoint metadata has no 'model' config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_checkpoint_is_one_line_at_the_binary_boundary(case, tmp_path, capsys,
+                                                                 monkeypatch):
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  for hook in ("excepthook", "unraisablehook"):  # main_guard replaces them
+    monkeypatch.setattr(sys, hook, getattr(sys, hook))
+  make, msg = MALFORMED[case]
+  path = str(make(tmp_path))
+  capsys.readouterr()  # what building the input printed
+  with pytest.raises(SystemExit) as e:
+    cli.main_guard(lambda p: list(load.open_source(p).tensors()), path)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 1 and len(err) == 1, err
+  assert err[0].startswith("error: ") and msg in err[0] and os.path.basename(path) in err[0], err
+
+
+_SLOW_WRITE = """
+import os, sys, time
+from experiments import cli
+from moe_jax import checkpoint
+def write(path):
+  with checkpoint.atomic_dir(path, overwrite=True) as tmp:
+    open(os.path.join(tmp, "part0"), "w").write("new")
+    print("writing", flush=True)
+    time.sleep(60)
+cli.main_guard(write, sys.argv[1])
+"""
+
+
+def test_sigterm_mid_write_cleans_its_temp_dir(tmp_path):
+  path = tmp_path / "out"
+  proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, str(path)], cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "writing"
+  assert any(".out.tmp-" in n for n in os.listdir(tmp_path))
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == 143
+  assert os.listdir(tmp_path) == []  # no temp dir, no lock file, no output

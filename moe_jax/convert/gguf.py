@@ -176,6 +176,10 @@ def read_gguf_config(path: str, reader: GgufFile | None = None) -> dict[str, Any
   if arch != "llama":
     raise ValueError(f"{path}: general.architecture={arch!r} is not supported; expected 'llama'")
   p = f"{arch}."
+  for key in ("attention.head_count", "embedding_length", "feed_forward_length",
+              "block_count"):
+    if not isinstance(field(p + key), (int, float)) or isinstance(field(p + key), bool):
+      raise ValueError(f"{path}: metadata {p + key}={field(p + key)!r}; expected a number")
   heads = int(field(p + "attention.head_count"))
   d = int(field(p + "embedding_length"))
   names = {t.name for t in reader.tensors}
@@ -232,7 +236,12 @@ def iter_gguf_tensors(path: str, reader: GgufFile | None = None, prefix: str = "
       name = hf_name(t.name)
     except KeyError:
       raise ValueError(f"{path}: unexpected tensor {t.name!r} for a llama model") from None
-    w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    try:
+      w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    except (NotImplementedError, ValueError, TypeError, KeyError) as e:
+      raise ValueError(f"{path}: tensor {t.name!r} of type {t.tensor_type.name} cannot be "
+                       f"dequantised ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+                       "expected F32, F16, BF16 or a quantisation gguf.quants reads") from None
     if np.may_share_memory(w, t.data):  # float32 tensors come back as views of the file
       w = w.copy()
     reader.release(t)

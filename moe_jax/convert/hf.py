@@ -34,11 +34,25 @@ def read_json(path: str) -> dict[str, Any]:
     raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def _float(hf: dict[str, Any], key: str, default: float) -> float:
+  value = hf.get(key)
+  if value is None:
+    return default
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{key}={value!r}: expected a number") from None
+
+
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
   """rope_theta and scaling from either transformers 4 or 5 style configs."""
   params = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling") or params
-  theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+  if not isinstance(scaling, dict) or not isinstance(params, dict):
+    raise ValueError(f"rope_scaling={scaling!r}: expected an object such as "
+                     "{\"rope_type\": \"llama3\", \"factor\": 8.0, ...} or null")
+  theta = _float({"rope_theta": hf.get("rope_theta") or params.get("rope_theta")},
+                 "rope_theta", 10000.0)
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
   if rope_type == "default":
     return theta, None
@@ -63,7 +77,11 @@ def canonical_keys(hf: dict[str, Any], source: str = "config.json") -> dict[str,
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
-  """ModelConfig for a transformers config dict of a supported architecture."""
+  """ModelConfig for a transformers config dict of a supported architecture; a one-line
+  error naming `source` for anything else."""
+  if not isinstance(hf, dict):
+    raise ValueError(f"{source}: expected a JSON object of config keys, got "
+                     f"{type(hf).__name__}")
   arch = hf.get("model_type")
   if arch not in ARCHS:
     raise ValueError(f"{source}: model_type={arch!r} is not supported; expected one of {ARCHS}")
@@ -84,7 +102,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
         n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         ffn_dim=hf["intermediate_size"], rope_theta=theta, rope_scaling=scaling,
-        rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rms_eps=_float(hf, "rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch in ("qwen2", "qwen2_moe") or bool(hf.get("attention_bias", False)),
         qk_norm=arch in ("qwen3", "qwen3_moe"), sliding_window=window,
@@ -92,6 +110,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
         moe=_moe_config(hf, arch, source), **overrides)
   except KeyError as e:
     raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+  except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type or form
+    msg = " ".join(str(e).split())
+    raise ValueError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
 
 def _moe_config(hf: dict[str, Any], arch: str, source: str):
@@ -145,7 +166,12 @@ def iter_safetensors(path: str, prefix: str = "") -> Iterator[tuple[str, np.ndar
         for name in f.keys():
           if not name.startswith(prefix):
             continue
-          yield name, np.asarray(f.get_tensor(name), dtype=np.float32), file
+          try:
+            w = np.asarray(f.get_tensor(name), dtype=np.float32)
+          except (TypeError, ValueError, AttributeError) as e:  # a dtype numpy lacks (FP8)
+            raise ValueError(f"{file}: tensor {name} cannot be read ({_one_line(e)}); "
+                             "expected a float32, float16 or bfloat16 tensor") from None
+          yield name, w, file
     except (OSError, SafetensorError) as e:
       raise ValueError(f"{file}: cannot read safetensors ({_one_line(e)})") from None
 
