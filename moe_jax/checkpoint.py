@@ -203,6 +203,22 @@ def scope_prefix(item: str, path: str = "checkpoint") -> tuple:
   raise ValueError(f"{path}: unexpected checkpoint item {scope!r}")
 
 
+_ITEM_FILES = ("_METADATA", "_CHECKPOINT_METADATA")  # what every orbax item holds
+
+
+def _item_tree(ckptr, item: str) -> dict[tuple, Any]:
+  """{path: metadata} of one orbax item; a one-line error naming it when it is damaged."""
+  meta = None
+  if all(os.path.isfile(os.path.join(item, f)) for f in _ITEM_FILES):  # else orbax warns
+    with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+      meta = ckptr.metadata(item)
+  tree = getattr(getattr(meta, "item_metadata", None), "tree", None)
+  if tree is None:
+    raise ValueError(f"{item}: orbax item metadata is missing or unreadable; expected a "
+                     f"complete checkpoint item ({', '.join(_ITEM_FILES)})")
+  return traverse_util.flatten_dict(tree)
+
+
 def restore_flat(path: str, target: dict[tuple, jax.ShapeDtypeStruct],
                  scopes: set[str] | None = None) -> dict[tuple, jax.Array]:
   """Every param of a checkpoint directory as {full path: array}, placed as `target` says:
@@ -220,7 +236,7 @@ def restore_flat(path: str, target: dict[tuple, jax.ShapeDtypeStruct],
         continue
       tag = name.partition(".")[2]
       prefix, item = scope_prefix(name, path), os.path.join(params, name)
-      stored = traverse_util.flatten_dict(ckptr.metadata(item).item_metadata.tree)
+      stored = _item_tree(ckptr, item)
       unknown = [prefix + p for p in stored if prefix + p not in target]
       if unknown:
         raise ValueError(f"{path}: tensor {'/'.join(map(str, unknown[0]))} is not in the "

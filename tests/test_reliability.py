@@ -289,7 +289,13 @@ def _gguf_file(tmp_path, head_count=True):
   return path
 
 
-def _no_model_meta(tmp_path):
+def _no_item_metadata(tmp_path):
+  path = _no_model_meta(tmp_path, keep_model=True)
+  os.remove(os.path.join(path, "params", "layer_000", "_METADATA"))
+  return path
+
+
+def _no_model_meta(tmp_path, keep_model=False):
   from moe_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from moe_jax.models import llama  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / "ck")
@@ -298,7 +304,8 @@ def _no_model_meta(tmp_path):
                                                  ffn_dim=16)))
   meta_file = os.path.join(path, checkpoint.MARKER)
   meta = json.load(open(meta_file))
-  del meta["model"]
+  if not keep_model:
+    del meta["model"]
   json.dump(meta, open(meta_file, "w"))
   return path
 
@@ -317,6 +324,8 @@ MALFORMED = {  # case: (make the input, what the one line says)
     "gguf_no_heads": (lambda t: _gguf_file(t, head_count=False),
                       "metadata llama.attention.head_count=None; expected a number"),
     "no_model_meta": (_no_model_meta, "checkpoint metadata has no 'model' config"),
+    "no_item_metadata": (_no_item_metadata,
+                         "layer_000: orbax item metadata is missing or unreadable"),
 }
 
 

@@ -92,7 +92,13 @@ def _readable_step(workdir: str) -> str | None:
   """The newest finished step whose metadata reads (an unreadable one is skipped with a
   one-line warning); None for a fresh workdir."""
   root = os.path.join(os.path.abspath(workdir), train_ckpt.CHECKPOINTS)
-  for step in reversed(train_ckpt.finished_steps(workdir)):
+  finished = train_ckpt.finished_steps(workdir)
+  names = os.listdir(root) if os.path.isdir(root) else []
+  for bad in sorted(int(n) for n in names if n.isdigit() and int(n) not in finished):
+    if not finished or bad > finished[-1]:  # renamed into place, so damaged, not in progress
+      logging.warning("%s/%d is incomplete (no state/, meta/ or commit stamp); skipped",
+                      root, bad)
+  for step in reversed(finished):
     step_dir = os.path.join(root, str(step))
     try:
       meta = train_ckpt.read_meta(step_dir)
