@@ -106,22 +106,23 @@ def _restore_good(mngr, step: int, state: nnx.State, data_iter, mesh) -> int:
   """Restores `step`, or else the newest earlier step that restores, saying so in one line
   per step that does not; a one-line error naming the workdir if none does. A damaged
   step is renamed `<step>.damaged` (kept, out of the way) so the run can save it anew."""
-  tried = []
+  damaged: dict[int, str] = {}  # step -> why it did not restore
   for s in [step] + sorted((x for x in mngr.all_steps() if x < step), reverse=True):
     try:
       _restore(mngr, s, state, data_iter, mesh)
     except Exception as e:  # orbax, tensorstore and OS errors of a damaged step
-      tried.append(f"step {s}: {_one_line(e)}")
+      damaged[s] = _one_line(e)
       logging.warning("%s/%d does not restore (%s); trying the previous step",
-                      mngr.directory, s, _one_line(e))
+                      mngr.directory, s, damaged[s])
       continue
-    if tried and jax.process_index() == 0:
-      for bad in (t.split(":")[0].split()[1] for t in tried):
-        path = os.path.join(str(mngr.directory), bad)
+    if damaged and jax.process_index() == 0:
+      for bad in damaged:
+        path = os.path.join(str(mngr.directory), str(bad))
         os.replace(path, f"{path}.damaged-{int(time.time())}")
       mngr.reload()
     return s
-  raise ValueError(f"{mngr.directory}: no checkpoint restores ({'; '.join(tried)})")
+  why = "; ".join(f"step {s}: {e}" for s, e in damaged.items())
+  raise ValueError(f"{mngr.directory}: no checkpoint restores ({why})")
 
 
 def _batch_to_device(batch: dict[str, np.ndarray], mesh, global_rows: int
