@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 
 from absl import flags, logging
@@ -67,6 +68,7 @@ def main_guard(fn: Callable, *args, **kwargs):
     # and tensorstore's callbacks print their own (PyErr_Print: sys.excepthook) after it
     sys.excepthook = lambda *exc: logging.debug("background error: %r", exc[1])
     sys.unraisablehook = lambda u: logging.debug("unraisable: %r", u.exc_value)
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
   try:
     return fn(*args, **kwargs)
   except USER_ERRORS + (OSError,) as e:

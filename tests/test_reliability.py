@@ -367,3 +367,18 @@ def test_sigterm_mid_write_cleans_its_temp_dir(tmp_path):
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=60) == 143
   assert os.listdir(tmp_path) == []  # no temp dir, no lock file, no output
+
+
+def test_full_disk_on_export_is_one_line_and_leaves_nothing(tmp_path):
+  from configs import upcycle as upcycle_config  # pylint: disable=g-import-not-at-top
+  c = upcycle_config.get_config("method=copy,experts=2,topk=2")
+  c.update(source=str(_hf_dir(tmp_path)), eval_windows=0)
+  runs.upcycle(c, str(tmp_path / "moe"))
+  out = tmp_path / "mixtral"
+  r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(64 << 10), "experiments.export_hf",
+                      f"--checkpoint={tmp_path / 'moe'}", f"--out={out}", "--format=mixtral"],
+                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+  assert "File too large" in lines[0] and ".mixtral.tmp-" in lines[0], lines
+  assert sorted(os.listdir(tmp_path)) == ["hf", "moe"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from moe_jax import checkpoint
@@ -139,8 +140,11 @@ def export(checkpoint_path: str, out_dir: str, fmt: str, overwrite: bool = False
   check_exportable(src.cfg, fmt)
   model = src.model()
   with checkpoint.atomic_dir(out_dir, overwrite) as tmp:
-    save_file(hf_tensors(model, fmt), os.path.join(tmp, "model.safetensors"),
-              metadata={"format": "pt"})
+    weights = os.path.join(tmp, "model.safetensors")
+    try:
+      save_file(hf_tensors(model, fmt), weights, metadata={"format": "pt"})
+    except SafetensorError as e:  # a full disk among others
+      raise OSError(f"{weights}: cannot write safetensors ({' '.join(str(e).split())})") from None
     checkpoint.write_json_atomic(os.path.join(tmp, "config.json"), hf_config(src.cfg, fmt))
     if src.has_tokenizer():
       src.tokenizer().save(tmp)
