@@ -4,8 +4,8 @@ A bad flag, an unknown config key or a user error (bad path, bad value) is one l
 stderr and exit status 1, never a traceback.
 """
 import ctypes
-import logging as std_logging
 import ctypes.util
+import logging as std_logging
 import os
 import re
 import signal
@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Callable
 
 from absl import flags, logging
+
+from moe_jax import errors
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
                FloatingPointError)
@@ -38,7 +40,7 @@ def describe_error(e: BaseException) -> str:
   file; anything else is its message with the whitespace folded."""
   if isinstance(e, OSError) and e.filename is not None:
     return f"{e.filename}: {e.strerror or e}"
-  return " ".join(str(e).split()) or type(e).__name__
+  return errors.one_line(e) or type(e).__name__
 
 
 def _exit_on_sigterm(signum, frame):

