@@ -138,9 +138,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
     with open(tmp, "w") as f:
       json.dump(strict_json(obj), f, indent=2, sort_keys=True, allow_nan=False)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.filename is None:  # a failed write names no file
+      raise OSError(e.errno, e.strerror, path) from e
     raise
 
 

@@ -66,8 +66,15 @@ def evaluate(config, workdir: str) -> dict:
     ids = eval_lib.generate(model, tok.encode(config.prompt), config.max_new_tokens, tok.eos_id)
     result["completion"] = tok.decode(ids)
     print(f"prompt: {config.prompt!r}\ncompletion: {result['completion']!r}")
+  created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  checkpoint.write_json_atomic(os.path.join(workdir, "eval.json"), result)
+  try:
+    checkpoint.write_json_atomic(os.path.join(workdir, "eval.json"), result)
+  except BaseException:
+    if created:  # leave nothing behind: the workdir was made for this file
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)
+    raise
   print(f"eval_loss={result['eval_loss']:.6f} ppl={result['ppl']:.4f} tokens={result['tokens']}")
   return result
 

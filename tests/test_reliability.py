@@ -37,25 +37,36 @@ def test_non_finite_step_is_reported_and_not_saved():
   assert loop_lib._non_finite(2.0, 1.0, True) == ""
 
 
+def _finite_params(step_dir: str) -> bool:
+  params = nnx.to_flat_state(nnx.state(load.open_source(step_dir).model(), nnx.Param))
+  return all(np.all(np.isfinite(np.asarray(v.get_value()))) for _, v in params)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-def test_diverging_run_stops_before_saving_non_finite_params(tmp_path):
-  """An LR past float32's range makes the first update non-finite while that step's loss
-  and gradients are finite: the run stops there in one line and saves nothing non-finite
-  (before the params check, that step was saved as good)."""
+def test_diverging_run_keeps_its_finite_steps_and_resumes_with_a_sane_lr(tmp_path):
+  """Two good steps, then a resume at an LR past float32's range: step 3's loss and
+  gradients are finite but its update is not. The run stops there in one line, saves
+  nothing non-finite (before the params check, that step was saved as good), and a resume
+  from the last good step with a sane LR trains."""
   work = str(tmp_path / "run")
-  c = _config(**{"optim.lr": 1e39, "optim.weight_decay": 0.0})
-  c.optim.warmup_steps = 0
-  c.loop.update(steps=8, ckpt_every=1, keep=8)
+  ckpt = os.path.join(work, "checkpoints")
+  steps = lambda: sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  c = _config(**{"optim.weight_decay": 0.0})
+  c.loop.update(steps=2, ckpt_every=1, keep=8)
+  runs.train(c, work)
+  c.optim.lr, c.resume_allow = 1e39, "optim.lr"
+  c.loop.steps = 6
   with pytest.raises(FloatingPointError, match="stopped, this step not saved") as e:
     runs.train(c, work)
   assert "\n" not in str(e.value) and "the updated params hold NaN or Inf" in str(e.value)
-  ckpt = os.path.join(work, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
-  assert f"Last good checkpoint: {max(steps) if steps else 'none'} " in str(e.value)
-  for step in steps:
-    model = load.open_source(os.path.join(work, "checkpoints", str(step))).model()
-    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    assert all(np.all(np.isfinite(np.asarray(v.get_value()))) for _, v in params), step
+  assert str(e.value).startswith("step 3: ") and f"Last good checkpoint: 2 in {ckpt}" in str(e.value)
+  assert steps() == [1, 2] and all(_finite_params(os.path.join(ckpt, str(s))) for s in steps())
+  c.optim.lr = 1e-3
+  assert np.isfinite(runs.train(c, work)["loss"])
+  rows = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  assert steps() == [1, 2, 3, 4, 5, 6] and _finite_params(os.path.join(ckpt, "6"))
 
 
 def test_weight_decay_that_grows_the_params_is_refused(tmp_path):
@@ -232,23 +243,28 @@ runpy.run_module(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("binary,args", [
-    ("experiments.upcycle", ["--config=configs/upcycle.py:method=copy,experts=2,topk=1",
-                             "--config.eval_windows=0"]),
-    ("experiments.train", ["--config=configs/train.py:scratch,runlocal", "--config.loop.steps=2",
-                           "--config.loop.seq_len=32", "--config.data.max_docs=4"]),
+@pytest.mark.parametrize("binary,limit,args", [
+    ("experiments.upcycle", 256 << 10, ["--config=configs/upcycle.py:method=copy,experts=2,topk=1",
+                                        "--config.eval_windows=0"]),
+    ("experiments.train", 256 << 10, ["--config=configs/train.py:scratch,runlocal",
+                                      "--config.loop.steps=2", "--config.loop.seq_len=32",
+                                      "--config.data.max_docs=4"]),
+    ("experiments.evaluate", 64, ["--config=configs/evaluate.py", "--config.max_windows=1",
+                                  "--config.seq_len=32", "--config.batch_size=1"]),
 ])
-def test_full_disk_is_one_line(tmp_path, binary, args):
-  """A file-size limit stands in for a full disk: the write fails with EFBIG."""
+def test_full_disk_is_one_line(tmp_path, binary, limit, args):
+  """A file-size limit stands in for a full disk: the write fails with EFBIG. (Without the
+  suite's compilation cache, whose failed writes jax reports as warnings of its own.)"""
   out = tmp_path / "out"
-  r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(256 << 10), binary,
-                      f"--workdir={out}", *args], cwd=ROOT, env=ENV, capture_output=True,
+  env = subproc.env(drop=("JAX_COMPILATION_CACHE_DIR",))
+  r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(limit), binary,
+                      f"--workdir={out}", *args], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
   assert lines[0].startswith("error: ") and "File too large" in lines[0], lines
-  if binary == "experiments.upcycle":  # nothing left: no checkpoint, no temp dir
-    assert sorted(os.listdir(tmp_path)) == ["out"] if out.exists() else os.listdir(tmp_path) == []
+  if binary != "experiments.train":  # nothing left: no output, no temp dir, no workdir
+    assert str(tmp_path) in lines[0] and os.listdir(tmp_path) == [], (lines, os.listdir(tmp_path))
 
 
 def _hf_dir(tmp_path, edit_config=None):
