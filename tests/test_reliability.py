@@ -287,7 +287,7 @@ def _fp8_dir(tmp_path):
   return path
 
 
-def _gguf_file(tmp_path, head_count=True):
+def _gguf_file(tmp_path, head_count=True, dtype=np.float64):
   import gguf as gguf_pkg  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / "m.gguf")
   w = gguf_pkg.GGUFWriter(path, "llama")
@@ -297,7 +297,7 @@ def _gguf_file(tmp_path, head_count=True):
   if head_count:
     w.add_uint32("llama.attention.head_count", 2)
   w.add_uint32("llama.vocab_size", 10)
-  w.add_tensor("token_embd.weight", np.zeros((10, 8), np.float64))  # F64: not dequantised
+  w.add_tensor("token_embd.weight", np.zeros((10, 8), dtype))  # F64, I8: not dequantised
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -337,6 +337,8 @@ MALFORMED = {  # case: (make the input, what the one line says)
                    "rms_norm_eps='abc': expected a number"),
     "fp8_tensor": (_fp8_dir, "tensor model.norm.weight cannot be read"),
     "gguf_f64": (_gguf_file, "tensor 'token_embd.weight' of type F64 cannot be dequantised"),
+    "gguf_i8": (lambda t: _gguf_file(t, dtype=np.int8),
+                "tensor 'token_embd.weight' of type I8 cannot be dequantised"),
     "gguf_no_heads": (lambda t: _gguf_file(t, head_count=False),
                       "metadata llama.attention.head_count=None; expected a number"),
     "no_model_meta": (_no_model_meta, "checkpoint metadata has no 'model' config"),
@@ -398,3 +400,14 @@ def test_full_disk_on_export_is_one_line_and_leaves_nothing(tmp_path):
   assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
   assert "File too large" in lines[0] and ".mixtral.tmp-" in lines[0], lines
   assert sorted(os.listdir(tmp_path)) == ["hf", "moe"]
+
+
+def test_written_directories_are_readable_and_a_partial_mesh_is_reported(tmp_path, caplog):
+  from moe_jax import sharding  # pylint: disable=g-import-not-at-top
+  with checkpoint.atomic_dir(str(tmp_path / "ckpt")) as tmp:
+    open(os.path.join(tmp, "a"), "w").close()
+  assert os.stat(tmp_path / "ckpt").st_mode & 0o777 == 0o755  # mkdtemp alone gives 0700
+  with caplog.at_level("WARNING"):
+    mesh = sharding.make_mesh(data=2)
+  assert mesh.size == 2 and any("uses 2 of the 8 devices" in r.getMessage()
+                                for r in caplog.records)
