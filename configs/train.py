@@ -19,9 +19,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init = "scratch" if a.scratch else ""
   # init=scratch: the model's shape, and its vocabulary: '' = the embedded model's (49152
   # tokens), 'bpe:N' = a byte-level BPE of N tokens learned from the run's training text.
+  # block: sequential (Llama) | parallel (GPT-J/PaLM: attention and FFN read one norm).
   c.scratch = ml_collections.ConfigDict(dict(
       d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-      max_seq_len=1024, tokenizer=""))
+      max_seq_len=1024, tokenizer="", block="sequential"))
   c.upcycle = ml_collections.ConfigDict(dict(
       method=a.method, num_experts=a.experts, top_k=a.topk, granularity=a.granularity,
       router=a.router, norm_topk_prob=False, partition="random", output_scale=0.0,

@@ -3,9 +3,16 @@
 Turns a dense checkpoint (default: the embedded SmolLM2-135M-Instruct) into an MoE
 checkpoint in the workdir, streaming one tensor in and one layer out at a time, then
 prints dense and upcycled perplexity on the embedded evaluation text side by side.
-Arguments: method (copy | virtual_group | partition | drop | noise | merge), experts,
-granularity, topk, router (topk_softmax | softmax_topk | sigmoid_bias), router_init
-(normal | zeros | kmeans | hidden), runlocal.
+Arguments: method (copy | virtual_group | partition | drop | noise | merge | bam), experts,
+granularity, topk (default 2; 1 for bam, as in the paper), router (topk_softmax |
+softmax_topk | sigmoid_bias), router_init (normal | zeros | kmeans | hidden), runlocal.
+
+Several dense models into one (one checkpoint per expert, of one shape):
+  method=merge (BTX): FFN experts from the sources, everything else averaged.
+  method=bam (BAM): also attention experts from the sources, mixed by a soft router:
+    --config=configs/upcycle.py:method=bam,experts=4 --config.merge_sources=a,b,c,d
+    --config.moa.shared_kv=True   (one k/v for all experts; q and o per expert)
+    --config.moa.top_k=2          (0 = soft routing over all experts, the paper's default)
 """
 import ml_collections
 
@@ -13,14 +20,18 @@ from moe_jax.config_util import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, method="copy", experts=8, granularity=1, topk=2, router="topk_softmax",
+  a = parse_arg(arg, method="copy", experts=8, granularity=1, topk=0, router="topk_softmax",
                 router_init="normal", runlocal=False)
+  topk = a.topk or (1 if a.method == "bam" else 2)
   c = ml_collections.ConfigDict()
   c.source = ""                 # HF dir or .gguf; '' = the embedded model
-  c.merge_sources = ""          # method=merge: comma-separated dense checkpoints, one per expert
-  c.merge_base = -1             # method=merge: non-FFN params from this source (-1 = average)
+  c.merge_sources = ""          # merge, bam: comma-separated dense checkpoints, one per expert
+  c.merge_base = -1             # merge: non-FFN params from this source (-1 = average)
+  # bam: attention experts in `layers` (all experts, softmax weights when top_k = 0)
+  c.moa = ml_collections.ConfigDict(dict(top_k=0, shared_kv=False, layers="all"))
+  c.block = ""                  # '' = the source's block form (it cannot change: same function)
   c.upcycle = ml_collections.ConfigDict(dict(
-      method=a.method, num_experts=a.experts, top_k=a.topk, granularity=a.granularity,
+      method=a.method, num_experts=a.experts, top_k=topk, granularity=a.granularity,
       router=a.router, norm_topk_prob=False, partition="random", output_scale=0.0,
       drop_ratio=0.5, drop_shared_indices=False, noise_std=0.02, shared_expert=False))
   c.layers = "all"              # which layers become MoE: all | every:N | 0,3,5

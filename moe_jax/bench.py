@@ -79,3 +79,43 @@ def bench_gmm(m: int, k: int, n: int, e: int, dtype: str, repeats: int) -> dict[
   print(f"gmm m={m} k={k} n={n} groups={e} dtype={dtype} device={jax.devices()[0].device_kind}")
   print(" ".join(f"{name}_tflops={v:.3f}" for name, v in tflops.items()))
   return tflops
+
+
+def bench_moa(b: int, length: int, d: int, h: int, g: int, n: int, shared_kv: bool,
+              dtype: str, repeats: int) -> float:
+  """Forward+backward of a soft Mixture of Attention with `n` experts against one dense
+  attention of the same shape; returns the ratio moa / (n * dense). Both run with RoPE
+  and a causal mask, alternating in one process."""
+  from moe_jax.moe import attention as moa_lib  # pylint: disable=g-import-not-at-top
+  dt, kd = jnp.dtype(dtype), d // h
+  ks = jax.random.split(jax.random.key(0), 12)
+  x = jax.random.normal(ks[0], (b, length, d), dt)
+  positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+  mask = layers.attention_mask(jnp.ones((b, length), jnp.int32), None)
+  inv = layers.rope_inv_freq(kd, 10000.0, None)
+  kv = (d, g, kd) if shared_kv else (n, d, g, kd)
+  w = lambda i, s: jax.random.normal(ks[i], s, dt) * d ** -0.5
+  moa_w = (w(1, (d, n)), w(2, (n, d, h, kd)), w(3, kv), w(4, kv), w(5, (n, h, kd, d)))
+  dense_w = (w(6, (d, h, kd)), w(7, (d, g, kd)), w(8, (d, g, kd)), w(9, (h, kd, d)))
+
+  def moa_loss(x, router, wq, wk, wv, wo):
+    gates = moa_lib.gates(moa_lib.router_probs(x, router), 0)
+    y = moa_lib.mixture_of_attention(x, gates, wq, wk, wv, wo, positions, mask, inv)
+    return jnp.sum(y.astype(jnp.float32))
+
+  def dense_loss(x, wq, wk, wv, wo):
+    q = layers.apply_rope(jnp.einsum("bld,dhk->blhk", x, wq), positions, inv)
+    k = layers.apply_rope(jnp.einsum("bld,dgk->blgk", x, wk), positions, inv)
+    v = jnp.einsum("bld,dgk->blgk", x, wv)
+    out = layers.gqa_attention(q, k, v, mask)
+    return jnp.sum(jnp.einsum("blhk,hkd->bld", out, wo).astype(jnp.float32))
+
+  fns = {"moa": (jax.jit(jax.grad(moa_loss, argnums=tuple(range(6)))), (x, *moa_w)),
+         "dense": (jax.jit(jax.grad(dense_loss, argnums=tuple(range(5)))), (x, *dense_w))}
+  med = alternate(fns, repeats)
+  ratio = med["moa"] / (n * med["dense"])
+  print(f"B={b} L={length} d={d} heads={h} kv_heads={g} experts={n} shared_kv={shared_kv} "
+        f"dtype={dtype} device={jax.devices()[0].device_kind}")
+  print(f"moa_fwd_bwd_s={med['moa']:.4f} dense_attention_fwd_bwd_s={med['dense']:.4f}")
+  print(f"ratio={ratio:.3f}")
+  return ratio

@@ -8,10 +8,12 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+  from moe_jax.moe.attention import MoaConfig
   from moe_jax.moe.config import MoeConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
+BLOCKS = ("sequential", "parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   arch: str = "llama"            # source architecture, kept for export
   moe: MoeConfig | None = None
+  # sequential: x + Attn(norm1 x), then + FFN(norm2 .); parallel (GPT-J, PaLM, BAM's
+  # seeds): x + Attn(norm x) + FFN(norm x), one norm per block.
+  block: str = "sequential"
+  moa: MoaConfig | None = None   # attention experts (BAM), in moa.layers
 
   def __post_init__(self):
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -67,6 +73,15 @@ class ModelConfig:
     for key in ("dtype", "param_dtype"):
       if getattr(self, key) not in DTYPES:
         raise ValueError(f"model.{key}={getattr(self, key)!r}: expected one of {DTYPES}")
+    if self.block not in BLOCKS:
+      raise ValueError(f"model.block={self.block!r}: expected one of {BLOCKS}")
+    if self.moa is not None and (self.qkv_bias or self.qk_norm):
+      raise ValueError("model.moa: attention experts are built for Llama-style attention; "
+                       "expected qkv_bias=False and qk_norm=False")
+
+  @property
+  def moa_layer_ids(self) -> tuple[int, ...]:
+    return self.moa.moa_layer_ids(self.n_layers) if self.moa else ()
 
   @property
   def moe_layer_ids(self) -> tuple[int, ...]:
@@ -89,4 +104,7 @@ class ModelConfig:
     if d.get("moe") is not None:
       from moe_jax.moe.config import MoeConfig  # pylint: disable=g-import-not-at-top
       d["moe"] = MoeConfig(**d["moe"])
+    if d.get("moa") is not None:
+      from moe_jax.moe.attention import MoaConfig  # pylint: disable=g-import-not-at-top
+      d["moa"] = MoaConfig(**d["moa"])
     return cls(**d)

@@ -11,18 +11,20 @@ import jax
 import numpy as np
 
 
-def router_summary(moe_stats: dict[int, dict[str, Any]]) -> dict[str, float]:
-  """Flat per-layer router statistics: expert-load min/max/CV, drops, entropy, losses."""
+def router_summary(stats: dict[int, dict[str, Any]], kind: str = "moe") -> dict[str, float]:
+  """Flat per-layer router statistics under '<kind>/layerNN/': expert-load min/max/CV,
+  and the drops, entropy and losses the layer reports (kind 'moa': attention experts)."""
   out = {}
-  for layer, s in sorted(moe_stats.items()):
+  for layer, s in sorted(stats.items()):
     load = np.asarray(s["load_E"], np.float64)
     mean = load.mean()
-    prefix = f"moe/layer{layer:02d}/"
+    prefix = f"{kind}/layer{layer:02d}/"
     out[prefix + "load_min"] = float(load.min())
     out[prefix + "load_max"] = float(load.max())
     out[prefix + "load_cv"] = float(load.std() / mean) if mean > 0 else 0.0
     for key in ("dropped_fraction", "router_entropy", "aux_loss", "z_loss"):
-      out[prefix + key] = float(s[key])
+      if key in s:
+        out[prefix + key] = float(s[key])
   return out
 
 

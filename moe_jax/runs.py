@@ -18,7 +18,8 @@ from moe_jax import evaluate as eval_lib
 from moe_jax.convert import load
 from moe_jax.data import corpus, pipeline
 from moe_jax.train import init_plan, loop as loop_lib, optim
-from moe_jax.upcycle import calibrate, convert, methods
+from moe_jax.moe.attention import MoaConfig
+from moe_jax.upcycle import calibrate, convert, merge as merge_lib, methods
 
 
 def eval_text(eval_file: str) -> tuple[str, str]:
@@ -113,12 +114,23 @@ def upcycle(config, workdir: str) -> dict:
     raise FileExistsError(f"{workdir}: exists and is not empty (set --config.overwrite=True)")
   spec = methods.UpcycleSpec(**config.upcycle)
   merge = [load.open_source(s) for s in config.merge_sources.split(",") if s]
-  if spec.method == "merge" and not merge:
-    raise ValueError("config.merge_sources: method=merge needs one dense checkpoint per expert")
+  if spec.method in methods.MERGE_METHODS and not merge:
+    raise ValueError(f"config.merge_sources: method={spec.method} needs one dense checkpoint "
+                     "per expert, comma-separated")
+  if merge and len(merge) != spec.num_experts:
+    raise ValueError(f"config.upcycle.num_experts={spec.num_experts}, but config.merge_sources "
+                     f"names {len(merge)} checkpoints: expected one per expert")
   src = merge[0] if merge else load.open_source(config.source)
-  if src.is_moe:
+  if merge:
+    merge_lib.check_sources(merge, spec.method == "bam" and config.moa.shared_kv)
+  elif src.is_moe:
     raise ValueError(f"{src.path}: already an MoE model; expected a dense checkpoint")
+  if config.block not in ("", src.cfg.block):
+    raise ValueError(f"config.block={config.block!r}: {src.path} is a {src.cfg.block} model "
+                     "and upcycling keeps its function, so its block form stays ('' = keep)")
   moe_cfg = convert.moe_model_config(src.cfg, spec, config.layers, backend=config.backend)
+  if spec.method == "bam":
+    moe_cfg = moe_cfg.replace(moa=MoaConfig(len(merge), **config.moa))
   tok = src.tokenizer() if src.has_tokenizer() else None
   if tok is None and (config.router_init in ("kmeans", "hidden") or config.eval_windows):
     raise ValueError(f"{src.path}: no tokenizer.json, needed for router_init="
@@ -131,14 +143,14 @@ def upcycle(config, workdir: str) -> dict:
         hidden_prompts=config.hidden_prompts)
   upcycler = convert.Upcycler(spec, moe_cfg, config.router_init, config.router_std, config.seed,
                               routers)
-  tensors = (_merge_stream(src.cfg, merge, moe_cfg.moe_layer_ids, config.merge_base)
-             if merge else src.tensors())
+  items = (merge_lib.merged_items(merge, moe_cfg, upcycler, config.router_std, config.merge_base)
+           if merge else convert.upcycle_items(src.cfg, src.tensors(), upcycler))
   t0 = time.time()
-  checkpoint.write_items(workdir, moe_cfg, convert.upcycle_items(src.cfg, tensors, upcycler),
-                         tok, _upcycle_provenance(config, spec, src, merge),
-                         overwrite=config.overwrite)
+  checkpoint.write_items(workdir, moe_cfg, items, tok,
+                         _upcycle_provenance(config, spec, src, merge), overwrite=config.overwrite)
   result = {"upcycle_seconds": round(time.time() - t0, 2), "method": spec.method}
-  print(f"upcycled {src.path} -> {workdir} ({spec.method}, {spec.num_experts} experts, "
+  print(f"upcycled {src.path}{f' (+{len(merge) - 1} sources)' if len(merge) > 1 else ''} -> "
+        f"{workdir} ({spec.method}, {spec.num_experts} experts, "
         f"top-{spec.top_k}) in {result['upcycle_seconds']}s")
   if config.eval_windows:
     result.update(_side_by_side_ppl(src, workdir, tok, config.eval_windows))
@@ -147,6 +159,8 @@ def upcycle(config, workdir: str) -> dict:
 
 def _upcycle_provenance(config, spec, src: load.Source, merge: list[load.Source]) -> dict:
   return {"source": src.path, "kind": src.kind, "merge_sources": [m.path for m in merge],
+          "merge_base": config.merge_base if merge else None,
+          "moa": config.moa.to_dict() if spec.method == "bam" else None,
           "source_sha256": [m.sha256() for m in (merge or [src])], "init": src.describe(),
           "upcycle": dataclasses.asdict(spec), "layers": config.layers,
           "router_init": config.router_init, "router_std": config.router_std,
@@ -163,17 +177,6 @@ def _side_by_side_ppl(dense: load.Source, workdir: str, tok, n_windows: int) -> 
   print(f"dense_ppl={result['dense_ppl']:.4f} upcycled_ppl={result['upcycled_ppl']:.4f} "
         f"tokens={len(windows) * 511}")
   return result
-
-
-def _merge_stream(dense_cfg, sources: list[load.Source], moe_ids, base: int):
-  """BTX: the merge sources' tensors, checked to share one architecture and shape."""
-  dicts = []
-  for i, src in enumerate(sources):
-    if src.cfg.replace(arch=dense_cfg.arch) != dense_cfg:
-      raise ValueError(f"{src.path}: merge source {i} has a different architecture or shape "
-                       f"than {sources[0].path}")
-    dicts.append({n: w for n, w, _ in src.tensors()})
-  return convert.merged_tensors(dense_cfg, set(moe_ids), dicts, list(dicts[0]), base)
 
 
 def train_mesh(config, num_experts: int | None = None):

@@ -237,7 +237,7 @@ def test_average_params():
     methods.average_params([a, np.ones((3, 2))])
 
 
-@pytest.mark.parametrize("method", sorted(set(methods.METHODS) - {"merge"}))
+@pytest.mark.parametrize("method", sorted(set(methods.METHODS) - set(methods.MERGE_METHODS)))
 def test_shared_expert_is_the_dense_ffn(method):
   rng = np.random.default_rng(0)
   dense = make_dense(rng)
@@ -276,7 +276,7 @@ def test_bad_specs_are_one_line_errors(spec, msg):
     UpcycleSpec(**spec).validate(96)
   assert msg in str(err.value) and "\n" not in str(err.value)
   rng = np.random.default_rng(0)
-  if spec["method"] in methods.METHODS and spec["method"] != "merge":  # methods validate too
+  if spec["method"] in methods.METHODS and spec["method"] not in methods.MERGE_METHODS:
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(".", r"\.")):
       methods.METHODS[spec["method"]](make_dense(rng, d=4, f=96), UpcycleSpec(**spec), rng)
 

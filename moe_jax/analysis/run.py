@@ -169,10 +169,13 @@ def analyze(src: load.Source, ref: load.Source | None, text: str, cfg: AnalysisC
 
 def reference_from_provenance(meta: dict[str, Any]) -> str | None:
   """The dense checkpoint an MoE's experts were upcycled from, followed back through
-  its provenance (an upcycle, or a chain of train runs); None if it was never dense."""
+  its provenance (an upcycle, or a chain of train runs); None if it was never dense or
+  was merged from several (merge, bam: no one model is every expert's base)."""
   prov = meta.get("provenance") or {}
   while prov:
     init = prov.get("init") or {}
+    if len(prov.get("merge_sources") or ()) > 1:  # merge, bam: one dense model per expert
+      return None
     if prov.get("upcycle"):
       return init.get("source") if init.get("source") != "scratch" else None
     prov = init.get("provenance") or {}

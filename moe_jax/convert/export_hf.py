@@ -26,6 +26,12 @@ def check_exportable(cfg: ModelConfig, fmt: str) -> None:
   """Raises ValueError (one line) if `fmt` cannot represent `cfg` exactly."""
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}: expected one of {FORMATS}")
+  if cfg.moa is not None:
+    raise ValueError(f"format {fmt}: the model has attention experts (BAM), which no Hugging "
+                     "Face format represents; evaluate and train it with moe_jax")
+  if cfg.block != "sequential":
+    raise ValueError(f"format {fmt}: the model has {cfg.block} blocks; the Llama-family "
+                     "formats are sequential (attention, then FFN)")
   moe = cfg.moe
   if moe is None:
     raise ValueError(f"format {fmt}: the model has no MoE layers (export a dense model as-is)")

@@ -224,10 +224,10 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_tensors(path: str, reader: GgufFile | None = None, prefix: str = ""
-                      ) -> Iterator[tuple[str, np.ndarray]]:
+def iter_gguf_tensors(path: str, reader: GgufFile | None = None,
+                      prefix: str | tuple[str, ...] = "") -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, float32 array in HF [out, in] layout), dequantised one tensor at a time;
-  with `prefix` (a llama.cpp name prefix such as 'blk.3.'), only those tensors."""
+  with `prefix` (a llama.cpp name prefix such as 'blk.3.', or a tuple), only those."""
   import gguf  # pylint: disable=g-import-not-at-top
   reader = reader or open_reader(path)
   cfg = read_gguf_config(path, reader)

@@ -155,9 +155,11 @@ def safetensors_files(path: str) -> list[str]:
   return [single]
 
 
-def iter_safetensors(path: str, prefix: str = "") -> Iterator[tuple[str, np.ndarray, str]]:
+def iter_safetensors(path: str, prefix: str | tuple[str, ...] = ""
+                     ) -> Iterator[tuple[str, np.ndarray, str]]:
   """Yields (tensor name, float32 array, file) one tensor at a time; with `prefix`, only
-  the tensors whose names start with it (the others are not read)."""
+  the tensors whose names start with it (or with one of a tuple of them; the others are
+  not read)."""
   for file in safetensors_files(path):
     if not os.path.exists(file):
       raise FileNotFoundError(f"{file}: shard listed in {_INDEX} not found")

@@ -85,20 +85,34 @@ class Source:
     if not 0 <= i < self.cfg.n_layers:
       raise ValueError(f"{self.path}: layer {i} out of range (the model has "
                        f"{self.cfg.n_layers} layers)")
-    target = {p: t for p, t in _abstract_flat(self.cfg).items() if p[:2] == ("layers", i)}
+    flat = self._read(lambda p: p[:2] == ("layers", i), f"layer_{i:03d}",
+                      f"model.layers.{i}.", f"blk.{i}.")
+    return {p[2:]: v for p, v in flat.items()}
+
+  def root(self) -> dict[tuple, np.ndarray]:
+    """The params outside the layers (embeddings, final norm, untied head) as {path:
+    float32 array}, read without the layers."""
+    return self._read(lambda p: p[0] != "layers", "root",
+                      ("model.embed_tokens.", "model.norm.", "lm_head."),
+                      ("token_embd.", "output_norm.", "output."))
+
+  def _read(self, keep, scope: str, hf_prefix, gguf_prefix) -> dict[tuple, np.ndarray]:
+    """The params whose paths `keep` selects, read from this source's `scope` item (moe_jax)
+    or its tensors named with the prefixes (HF, GGUF), as float32 host arrays."""
+    target = {p: t for p, t in _abstract_flat(self.cfg).items() if keep(p)}
     host = {p: np.empty(t.shape, t.dtype) for p, t in target.items()}  # read to the host
     if self.kind == "moe_jax":
-      flat = checkpoint.restore_flat(self.path, host, scopes={f"layer_{i:03d}"})
+      flat = checkpoint.restore_flat(self.path, host, scopes={scope})
     elif self.kind == "train":
       flat = traverse_util.flatten_dict(
           train_ckpt.restore_model(self.path, traverse_util.unflatten_dict(host)))
     elif self.kind == "hf":
-      flat = _from_hf(self.cfg, finite_tensors(
-          hf.iter_safetensors(self.path, f"model.layers.{i}.")), target)
+      flat = _from_hf(self.cfg, finite_tensors(hf.iter_safetensors(self.path, hf_prefix)),
+                      target)
     else:
-      tensors = gguf.iter_gguf_tensors(self.path, self.header, f"blk.{i}.")
+      tensors = gguf.iter_gguf_tensors(self.path, self.header, gguf_prefix)
       flat = _from_hf(self.cfg, finite_tensors((n, w, self.path) for n, w in tensors), target)
-    return {p[2:]: np.asarray(v, np.float32) for p, v in flat.items()}
+    return {p: np.asarray(v, np.float32) for p, v in flat.items()}
 
   def sha256(self) -> str:
     return sha256_path(self.path)

@@ -13,6 +13,7 @@ from flax import nnx
 from moe_jax import sharding
 from moe_jax.config import ModelConfig
 from moe_jax.models import layers
+from moe_jax.moe import attention as moa_lib
 from moe_jax.moe import layer as moe_layer
 
 _init = nnx.initializers.normal(0.02)
@@ -80,15 +81,48 @@ class Mlp(nnx.Module):
                          self.w_down[...].astype(dt)), {}
 
 
+class MoaAttention(nnx.Module):
+  """N attention experts and a soft (or top-k) router: moe_jax/moe/attention.py. With
+  shared KV, wk and wv have no expert axis."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    n, d, h, g, k = cfg.moa.num_experts, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    kv, kv_names = ((d, g, k), ("embed", "kv_heads", "head_dim")) if cfg.moa.shared_kv else (
+        (n, d, g, k), ("expert", "embed", "kv_heads", "head_dim"))
+    self.router = _param(rngs, (d, n), ("embed", None), pd)
+    self.wq = _param(rngs, (n, d, h, k), ("expert", "embed", "heads", "head_dim"), pd)
+    self.wk = _param(rngs, kv, kv_names, pd)
+    self.wv = _param(rngs, kv, kv_names, pd)
+    self.wo = _param(rngs, (n, h, k, d), ("expert", "heads", "head_dim", "embed"), pd)
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, inv_freq):
+    """(y_BxLxD, stats): stats hold load_E and router_entropy (float32)."""
+    dt = jnp.dtype(self.cfg.dtype)
+    probs_BxLxN = moa_lib.router_probs(x_BxLxD, self.router[...])
+    gates_BxLxN = moa_lib.gates(probs_BxLxN, self.cfg.moa.top_k)
+    moe_layer.sow(self, "attn_router_probs", probs_BxLxN)
+    y_BxLxD = moa_lib.mixture_of_attention(
+        x_BxLxD, gates_BxLxN, *(w[...].astype(dt) for w in (self.wq, self.wk, self.wv, self.wo)),
+        positions_BxL, mask_Bx1xLxL, inv_freq)
+    return y_BxLxD, moa_lib.router_stats(probs_BxLxN, gates_BxLxN)
+
+
 class Block(nnx.Module):
-  """Pre-norm decoder block; the FFN is dense or an MoE block."""
+  """Pre-norm decoder block, sequential or parallel (cfg.block); the attention is dense
+  or a mixture of attention experts, the FFN dense or an MoE block."""
 
   def __init__(self, cfg: ModelConfig, layer_id: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pd = jnp.dtype(cfg.param_dtype)
     self.attn_norm = _ones((cfg.d_model,), ("norm",), pd)
-    self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = _ones((cfg.d_model,), ("norm",), pd)
+    if layer_id in cfg.moa_layer_ids:
+      self.attn = MoaAttention(cfg, rngs=rngs)
+    else:
+      self.attn = Attention(cfg, rngs=rngs)
+    if cfg.block == "sequential":
+      self.mlp_norm = _ones((cfg.d_model,), ("norm",), pd)
     if layer_id in cfg.moe_layer_ids:
       self.mlp = moe_layer.MoeBlock(cfg.moe, cfg.d_model, rngs=rngs, param_dtype=pd,
                                     dtype=jnp.dtype(cfg.dtype))
@@ -96,14 +130,22 @@ class Block(nnx.Module):
       self.mlp = Mlp(cfg, rngs=rngs)
 
   def __call__(self, x_BxLxD, positions_BxL, mask, inv_freq, *, train=False, key=None):
+    """(x_BxLxD, ffn stats, attention stats); the stats are {} for dense parts."""
     eps = self.cfg.rms_eps
-    x_BxLxD = x_BxLxD + self.attn(layers.rms_norm(x_BxLxD, self.attn_norm[...], eps),
-                                  positions_BxL, mask, inv_freq)
-    ffn_in_BxLxD = layers.rms_norm(x_BxLxD, self.mlp_norm[...], eps)
+    h_BxLxD = layers.rms_norm(x_BxLxD, self.attn_norm[...], eps)
+    attn = self.attn(h_BxLxD, positions_BxL, mask, inv_freq)
+    attn_BxLxD, attn_stats = attn if isinstance(attn, tuple) else (attn, {})
+    if self.cfg.block == "parallel":
+      ffn_in_BxLxD = h_BxLxD
+    else:
+      x_BxLxD = x_BxLxD + attn_BxLxD
+      ffn_in_BxLxD = layers.rms_norm(x_BxLxD, self.mlp_norm[...], eps)
     moe_layer.sow(self, "ffn_input", ffn_in_BxLxD)
     y_BxLxD, stats = self.mlp(ffn_in_BxLxD, train=train, key=key)
+    if self.cfg.block == "parallel":
+      y_BxLxD = y_BxLxD + attn_BxLxD
     x_BxLxD = sharding.constrain(x_BxLxD + y_BxLxD, ("batch", "length", "embed"))
-    return x_BxLxD, stats
+    return x_BxLxD, stats, attn_stats
 
 
 class Transformer(nnx.Module):
@@ -121,7 +163,8 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None, *, train: bool = False,
                key: jax.Array | None = None):
-    """Aux holds per-MoE-layer router statistics under aux["moe"][layer_id].
+    """Aux holds per-layer router statistics: the FFN's under aux["moe"][layer_id], the
+    attention experts' under aux["moa"][layer_id].
 
     `key` seeds router jitter in training (folded with the layer index)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -133,17 +176,21 @@ class Transformer(nnx.Module):
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
     x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
-    moe_stats = {}
+    moe_stats, moa_stats = {}, {}
     for i, block in enumerate(self.layers):
       layer_key = None if key is None else jax.random.fold_in(key, i)
-      x_BxLxD, stats = block(x_BxLxD, positions_BxL, mask, inv_freq, train=train, key=layer_key)
+      x_BxLxD, stats, attn_stats = block(x_BxLxD, positions_BxL, mask, inv_freq, train=train,
+                                         key=layer_key)
       if stats:
         moe_stats[i] = stats
+      if attn_stats:
+        moa_stats[i] = attn_stats
     x_BxLxD = layers.rms_norm(x_BxLxD, self.final_norm[...], cfg.rms_eps)
     head_DxV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt),
                         preferred_element_type=jnp.float32)
-    return sharding.constrain(logits, ("batch", "length", "vocab")), {"moe": moe_stats}
+    return sharding.constrain(logits, ("batch", "length", "vocab")), {"moe": moe_stats,
+                                                                        "moa": moa_stats}
 
 
 @nnx.jit
@@ -152,7 +199,8 @@ def capture(model: Transformer, tokens_BxL: jax.Array, positions_BxL: jax.Array 
   """One inference forward pass (train=False) that also returns what the blocks record:
   (logits_BxLxV, {layer_id: {"ffn_input": x_BxLxD, ...}}), the FFN input after its RMSNorm
   for every layer, and for MoE layers also "router_logits" and "router_probs" [B, L, E],
-  "experts" [B, L, K] int32 and "expert_weights" [B, L, K]. Logits equal model(...)[0];
+  "experts" [B, L, K] int32 and "expert_weights" [B, L, K]; for attention-expert layers
+  "attn_router_probs" [B, L, N]. Logits equal model(...)[0];
   params, state and plain calls of the model are untouched (nothing is sown outside this)."""
   (logits_BxLxV, _), state = nnx.capture(model, nnx.Intermediate)(
       tokens_BxL, positions_BxL, segment_ids_BxL)
@@ -163,7 +211,8 @@ def _by_layer(captured: dict) -> dict[int, dict[str, jax.Array]]:
   """{layer_id: {name: value}} from capture's nested {"layers": {i: {..., "mlp": {...}}}}."""
   out = {}
   for i, block in captured.get("layers", {}).items():
-    out[int(i)] = {k: v for k, v in block.items() if k != "mlp"} | dict(block.get("mlp", {}))
+    out[int(i)] = ({k: v for k, v in block.items() if k not in ("mlp", "attn")}
+                   | dict(block.get("mlp", {})) | dict(block.get("attn", {})))
   return dict(sorted(out.items()))
 
 

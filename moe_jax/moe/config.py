@@ -49,34 +49,41 @@ class MoeConfig:
     for key in ("aux_loss_coeff", "z_loss_coeff", "jitter", "bias_update_rate"):
       if getattr(self, key) < 0:
         bad(key, "must be >= 0")
-    self._placement()  # validates `layers`
-
-  def _placement(self) -> tuple[str, int | tuple[int, ...]]:
-    """('all', 0), ('every', N) or ('list', ids) from the `layers` string."""
-    spec = self.layers.strip()
-    if spec == "all":
-      return "all", 0
-    if spec.startswith("every:"):
-      n = spec[len("every:"):]
-      if not n.isdigit() or int(n) < 1:
-        raise ValueError(f"moe.layers={self.layers!r}: expected every:N with N >= 1")
-      return "every", int(n)
-    try:
-      ids = tuple(sorted({int(s) for s in spec.split(",") if s.strip()}))
-    except ValueError:
-      ids = ()
-    if not ids or ids[0] < 0:
-      raise ValueError(f"moe.layers={self.layers!r}: expected 'all', 'every:N' or a list "
-                       "of layer ids like '0,3,5'")
-    return "list", ids
+    parse_layers(self.layers, "moe.layers")
 
   def moe_layer_ids(self, n_layers: int) -> tuple[int, ...]:
     """Which of `n_layers` layers are MoE."""
-    kind, arg = self._placement()
-    if kind == "all":
-      return tuple(range(n_layers))
-    if kind == "every":
-      return tuple(i for i in range(n_layers) if i % arg == arg - 1)
-    if arg[-1] >= n_layers:
-      raise ValueError(f"moe.layers={self.layers!r}: layer ids must lie in [0, {n_layers})")
-    return arg
+    return layer_ids(self.layers, n_layers, "moe.layers")
+
+
+def parse_layers(spec: str, key: str) -> tuple[str, int | tuple[int, ...]]:
+  """('all', 0), ('every', N) or ('list', ids) from a placement string like 'all',
+  'every:2' or '0,3,5'; a bad one raises ValueError naming `key`."""
+  text = spec.strip()
+  if text == "all":
+    return "all", 0
+  if text.startswith("every:"):
+    n = text[len("every:"):]
+    if not n.isdigit() or int(n) < 1:
+      raise ValueError(f"{key}={spec!r}: expected every:N with N >= 1")
+    return "every", int(n)
+  try:
+    ids = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+  except ValueError:
+    ids = ()
+  if not ids or ids[0] < 0:
+    raise ValueError(f"{key}={spec!r}: expected 'all', 'every:N' or a list of layer ids "
+                     "like '0,3,5'")
+  return "list", ids
+
+
+def layer_ids(spec: str, n_layers: int, key: str) -> tuple[int, ...]:
+  """Which of `n_layers` layers a placement string selects."""
+  kind, arg = parse_layers(spec, key)
+  if kind == "all":
+    return tuple(range(n_layers))
+  if kind == "every":
+    return tuple(i for i in range(n_layers) if i % arg == arg - 1)
+  if arg[-1] >= n_layers:
+    raise ValueError(f"{key}={spec!r}: layer ids must lie in [0, {n_layers})")
+  return arg

@@ -16,7 +16,11 @@ def active_params_per_token(cfg: ModelConfig) -> int:
   attn = d * (h + 2 * g) * k + h * k * d
   total = cfg.vocab_size * d  # the LM head
   for i in range(cfg.n_layers):
-    total += attn
+    if i in cfg.moa_layer_ids:  # every attention expert runs (soft, and top-k as computed)
+      n = cfg.moa.num_experts
+      total += d * n + n * 2 * d * h * k + (1 if cfg.moa.shared_kv else n) * 2 * d * g * k
+    else:
+      total += attn
     if i in cfg.moe_layer_ids:
       m = cfg.moe
       total += d * m.num_experts + m.top_k * 3 * d * m.expert_dim + 3 * d * m.shared_expert_dim
@@ -27,7 +31,9 @@ def active_params_per_token(cfg: ModelConfig) -> int:
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """6 N (forward + backward matmuls) plus causal attention scores and values."""
-  attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len  # 12*L*H*K*T / 2 (causal)
+  experts = [cfg.moa.num_experts if i in cfg.moa_layer_ids else 1 for i in range(cfg.n_layers)]
+  # 12*H*K*T / 2 (causal) per layer and attention expert
+  attention = 6 * sum(experts) * cfg.n_heads * cfg.head_dim * seq_len
   return 6.0 * active_params_per_token(cfg) + attention
 
 

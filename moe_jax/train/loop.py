@@ -240,6 +240,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
         if peak:
           last["mfu"] = tps * flops_per_token / (peak * jax.device_count())
         last.update(metrics_lib.router_summary(jax.device_get(m["moe"])))
+        last.update(metrics_lib.router_summary(jax.device_get(m["moa"]), "moa"))
         if eval_set and (done % loop.eval_every == 0 or done == loop.steps):
           last.update(evaluate_batches(model, eval_set, mesh, loop.batch_size))
         writer.write(done, last)

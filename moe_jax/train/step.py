@@ -15,7 +15,8 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
 
 
 def loss_fn(model, batch: dict, *, train: bool = True, key: jax.Array | None = None):
-  """Masked next-token cross-entropy plus every MoE layer's aux and z losses."""
+  """Masked next-token cross-entropy plus every MoE layer's aux and z losses (the
+  attention experts' router has none: BAM)."""
   logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], train=train,
                       key=key)
   mask = batch["loss_mask"]
@@ -25,7 +26,7 @@ def loss_fn(model, batch: dict, *, train: bool = True, key: jax.Array | None = N
   aux_loss = sum((s["aux_loss"] for s in moe.values()), jnp.float32(0))
   z_loss = sum((s["z_loss"] for s in moe.values()), jnp.float32(0))
   return ce + aux_loss + z_loss, {"ce": ce, "aux_loss": aux_loss, "z_loss": z_loss,
-                                  "tokens": mask.sum(), "moe": moe}
+                                  "tokens": mask.sum(), "moe": moe, "moa": aux["moa"]}
 
 
 def update_router_biases(model, moe_stats: dict) -> None:

@@ -60,7 +60,7 @@ class Upcycler:
   def layer(self, i: int, dense: methods.DenseFfn) -> dict[tuple, np.ndarray]:
     rng = np.random.default_rng([self.seed, i])
     experts = methods.METHODS[self.spec.method](dense, self.spec, rng)
-    if isinstance(dense, list):  # merge: one dense FFN per source model
+    if isinstance(dense, list):  # merge, bam: one dense FFN per source (moe_jax/upcycle/merge.py)
       dense = dense[0]
     d = dense.w_gate_DxF.shape[0]
     if self.routers is not None and i in self.routers:
@@ -105,12 +105,9 @@ def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
       continue
     if key in moe_ids and sub[0] == "mlp":
       parts = ffn.setdefault(key, [None, None, None])
-      parts[_FFN[sub[1]]] = [m.rule.to_ours(x) for x in w] if isinstance(w, list) else m.rule.to_ours(w)
+      parts[_FFN[sub[1]]] = m.rule.to_ours(w)
       if all(p is not None for p in parts):
-        parts = ffn.pop(key)
-        dense = ([methods.DenseFfn(*p) for p in zip(*parts)] if isinstance(parts[0], list)
-                 else methods.DenseFfn(*parts))
-        pending.setdefault(key, {}).update(upcycler.layer(key, dense))
+        pending.setdefault(key, {}).update(upcycler.layer(key, methods.DenseFfn(*ffn.pop(key))))
     else:
       pending.setdefault(key, {})[sub] = np.asarray(m.rule.to_ours(w), np.float32)
     if key in pending and set(pending[key]) >= expected[key]:
@@ -122,20 +119,6 @@ def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
     what = (f"layer {layer}: {sorted(expected[layer] - set(pending.get(layer, {})))[0]}"
             if layer is not None else f"{sorted(root_missing)[0]}")
     raise ValueError(f"{source}: incomplete checkpoint, missing {what}")
-
-
-def merged_tensors(dense_cfg: ModelConfig, moe_ids, sources: list[dict[str, np.ndarray]],
-                   names: list[str], base: int = -1) -> Iterator[tuple[str, Any, str]]:
-  """BTX/mergekit stream: MoE-layer FFN tensors as one list per name (expert i from
-  source i); every other tensor averaged over the sources (BTX) or taken from `base`."""
-  for name in names:
-    arrays = [src[name] for src in sources]
-    m = hf_names.match(dense_cfg, name)
-    is_ffn = m is not None and m.path[0] == "layers" and m.path[1] in moe_ids and m.path[2] == "mlp"
-    if is_ffn:
-      yield name, arrays, "merge"
-    else:
-      yield name, (np.mean(arrays, axis=0) if base < 0 else arrays[base]), "merge"
 
 
 def model_from_items(cfg: ModelConfig, items: Iterable[tuple[str, dict]]) -> llama.Transformer:

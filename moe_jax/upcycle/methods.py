@@ -5,7 +5,7 @@ A dense SwiGLU FFN is y = (silu(x Wg) * (x Wu)) Wd with Wg, Wu [D, F] and Wd [F,
 Wd [E, Fe, D], `router_repeat` (experts e with equal e // router_repeat share one router
 column) and, with `spec.shared_expert`, the dense FFN as an always-on shared expert:
 
-    experts = METHODS[spec.method](dense, spec, rng)   # merge: `dense` is a list of FFNs
+    experts = METHODS[spec.method](dense, spec, rng)   # merge, bam: a list of FFNs
 
 Methods leave `router_DxE` None: router_init.init_router draws or computes the router.
 
@@ -315,6 +315,26 @@ def merge(denses: Sequence[DenseFfn], spec: UpcycleSpec,
   return merge_experts(denses, spec)
 
 
+def attention_experts(attns: Sequence[dict[str, np.ndarray]], shared_kv: bool
+                      ) -> dict[str, np.ndarray]:
+  """BAM: attention expert j is source j's attention, {'wq': [N, D, H, K], 'wk', 'wv':
+  [N, D, G, K], 'wo': [N, H, K, D]}; with shared KV, 'wk' and 'wv' are the sources'
+  average [D, G, K] (one KV projection) while q and o stay per expert."""
+  for i, a in enumerate(attns[1:], 1):
+    for name in ("wq", "wk", "wv", "wo"):
+      if np.shape(a[name]) != np.shape(attns[0][name]):
+        raise ValueError(f"merge source {i}: attention {name} has shape {np.shape(a[name])}, "
+                         f"source 0 {np.shape(attns[0][name])}")
+  out = {name: np.stack([a[name] for a in attns]) for name in ("wq", "wo")}
+  for name in ("wk", "wv"):
+    ws = [a[name] for a in attns]
+    out[name] = average_params(ws) if shared_kv else np.stack(ws)
+  return out
+
+
+# bam: the FFN experts are merge's (expert j = source j's FFN); the attention experts are
+# built beside them by moe_jax/upcycle/merge.py.
 METHODS: dict[str, Callable[..., ExpertFfn]] = {
     "copy": copy, "virtual_group": virtual_group, "partition": partition, "drop": drop,
-    "noise": noise, "merge": merge}
+    "noise": noise, "merge": merge, "bam": merge}
+MERGE_METHODS = ("merge", "bam")  # one dense model per expert: config.merge_sources
