@@ -121,7 +121,7 @@ def _texts(tmp_path) -> list[str]:
   return out
 
 
-def _train(workdir, init, data, steps=3, **overrides):
+def _train(workdir, init, data, steps=2, **overrides):
   c = train_config.get_config("scratch,runlocal,method=none")
   c = sweep.apply(c, {"init": init, "data.source": data, "scratch.tokenizer": "",
                       "scratch.block": "parallel", "loop.steps": steps, "loop.seq_len": 64,

@@ -88,14 +88,14 @@ def test_tokenizer_matches_transformers(hf_tokenizer):
 
 def test_perplexity_matches_transformers(hf_model, tmp_path):
   config = eval_config.get_config()
-  config.seq_len, config.max_windows, config.batch_size = 256, 4, 2
+  config.seq_len, config.max_windows, config.batch_size = 128, 2, 2
   result = runs.evaluate(config, str(tmp_path))
   ids = load.load_tokenizer(PATH).encode(corpus.embedded_eval_text())
-  windows = torch.as_tensor(evaluate.make_windows(ids, 256, 4), dtype=torch.long)
+  windows = torch.as_tensor(evaluate.make_windows(ids, 128, 2), dtype=torch.long)
   with torch.no_grad():
     logp = torch.log_softmax(hf_model(windows).logits[:, :-1].float(), -1)
     ref = -logp.gather(-1, windows[:, 1:, None]).mean().item()
-  assert result["tokens"] == 4 * 255
+  assert result["tokens"] == 2 * 127
   assert abs(result["ppl"] / np.exp(ref) - 1) < 1e-3
   assert os.path.exists(tmp_path / "eval.json")
 
