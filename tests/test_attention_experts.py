@@ -176,10 +176,10 @@ def _loss_and_grads(model, batch):
   return float(loss), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
 
 
-@pytest.mark.parametrize("shared_kv", [False, True])
-def test_sharded_moa_equals_one_device(shared_kv):
-  cfg = _cfg(moa=MoaConfig(num_experts=4, shared_kv=shared_kv), block="parallel", moe=None,
-             n_layers=1)  # (expert-parallel FFNs: test_expert_parallel.py)
+def test_sharded_moa_equals_one_device():
+  """Expert KV: q, k, v and o all split over the expert axis (shared KV only drops that
+  axis from k and v). Expert-parallel FFNs: test_expert_parallel.py."""
+  cfg = _cfg(moa=MoaConfig(num_experts=4), block="parallel", moe=None, n_layers=1)
   mesh = sharding.make_mesh(data=2, expert=4)
   model = llama.create(cfg, seed=0, mesh=mesh)
   wq = model.layers[0].attn.wq[...]

@@ -146,8 +146,10 @@ def test_bam_of_three_trained_models_trains_evaluates_and_is_analysed(tmp_path):
   assert np.isfinite(last["loss"]) and "moa/layer00/router_entropy" in last
   assert 0 < last["moa/layer01/router_entropy"] <= np.log(3) + 1e-6
   c = eval_config.get_config()
-  c.update(checkpoint=str(tmp_path / "train"), max_windows=1, seq_len=64, batch_size=1)
-  assert np.isfinite(runs.evaluate(c, str(tmp_path / "eval"))["ppl"])
+  c.update(checkpoint=str(tmp_path / "train"), max_windows=1, seq_len=64, batch_size=1,
+           prompt="def f(x):", max_new_tokens=4)
+  result = runs.evaluate(c, str(tmp_path / "eval"))
+  assert np.isfinite(result["ppl"]) and isinstance(result["completion"], str)
   c = analyze_config.get_config("runlocal")
   c.update(checkpoint=str(tmp_path / "train"), seq_len=64, windows=1, domain_windows=0)
   result = runs.analyze(c, str(tmp_path / "analysis"))

@@ -37,36 +37,26 @@ def test_non_finite_step_is_reported_and_not_saved():
   assert loop_lib._non_finite(2.0, 1.0, True) == ""
 
 
-def _finite_params(step_dir: str) -> bool:
-  params = nnx.to_flat_state(nnx.state(load.open_source(step_dir).model(), nnx.Param))
-  return all(np.all(np.isfinite(np.asarray(v.get_value()))) for _, v in params)
-
-
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-def test_diverging_run_keeps_its_finite_steps_and_resumes_with_a_sane_lr(tmp_path):
-  """Two good steps, then a resume at an LR past float32's range: step 3's loss and
-  gradients are finite but its update is not. The run stops there in one line, saves
-  nothing non-finite (before the params check, that step was saved as good), and a resume
-  from the last good step with a sane LR trains."""
+def test_diverging_run_stops_before_saving_non_finite_params(tmp_path):
+  """An LR past float32's range makes the first update non-finite while that step's loss
+  and gradients are finite: the run stops there in one line and saves nothing non-finite
+  (before the params check, that step was saved as good). A resume from the last good
+  step with a sane LR trains: test_train.py, test_nan_stops_keeps_the_last_good_step_..."""
   work = str(tmp_path / "run")
-  ckpt = os.path.join(work, "checkpoints")
-  steps = lambda: sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
-  c = _config(**{"optim.weight_decay": 0.0})
-  c.loop.update(steps=2, ckpt_every=1, keep=8)
-  runs.train(c, work)
-  c.optim.lr, c.resume_allow = 1e39, "optim.lr"
-  c.loop.steps = 6
+  c = _config(**{"optim.lr": 1e39, "optim.weight_decay": 0.0})
+  c.optim.warmup_steps = 0
+  c.loop.update(steps=8, ckpt_every=1, keep=8)
   with pytest.raises(FloatingPointError, match="stopped, this step not saved") as e:
     runs.train(c, work)
   assert "\n" not in str(e.value) and "the updated params hold NaN or Inf" in str(e.value)
-  assert str(e.value).startswith("step 3: ") and f"Last good checkpoint: 2 in {ckpt}" in str(e.value)
-  assert steps() == [1, 2] and all(_finite_params(os.path.join(ckpt, str(s))) for s in steps())
-  c.optim.lr = 1e-3
-  assert np.isfinite(runs.train(c, work)["loss"])
-  rows = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
-  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-  assert all(np.isfinite(r["loss"]) for r in rows)
-  assert steps() == [1, 2, 3, 4, 5, 6] and _finite_params(os.path.join(ckpt, "6"))
+  ckpt = os.path.join(work, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+  assert f"Last good checkpoint: {max(steps) if steps else 'none'} " in str(e.value)
+  for step in steps:
+    model = load.open_source(os.path.join(work, "checkpoints", str(step))).model()
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    assert all(np.all(np.isfinite(np.asarray(v.get_value()))) for _, v in params), step
 
 
 def test_weight_decay_that_grows_the_params_is_refused(tmp_path):
@@ -83,11 +73,8 @@ def test_resume_refuses_a_changed_model_and_allows_what_is_named(tmp_path):
   changed = _config(**{"upcycle.num_experts": 4})
   with pytest.raises(ValueError, match="config.upcycle.num_experts=4, but the saved run has 2"):
     runs.train(changed, work)
-  longer = _config()
-  longer.loop.steps = 3  # more steps (and cadence) may change without saying so
-  assert runs.train(longer, work)["loss"] > 0
   new_lr = _config(**{"optim.lr": 5e-4})
-  new_lr.loop.steps = 4
+  new_lr.loop.steps = 4  # more steps (and cadence) may change without saying so
   with pytest.raises(ValueError, match="--config.resume_allow=optim.lr"):
     runs.train(new_lr, work)
   new_lr.resume_allow = "optim"
