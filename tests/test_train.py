@@ -84,7 +84,7 @@ def test_sigterm_saves_the_current_step(tmp_path):
 
 def test_nan_stops_keeps_the_last_good_step_and_a_resume_trains(tmp_path):
   """NaN in step 6's loss (and so its gradients): the run stops in one line, step 4 stays
-  the last (finite) checkpoint, and a resume from it trains to the end."""
+  the last (finite) checkpoint, and a resume from it, at a lower LR, trains to the end."""
   work = tmp_path / "run"
   r = subprocess.run(_cmd(work, "--config.loop.steps=8", "--config.loop.inject_nan_at_step=5"),
                      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -92,7 +92,8 @@ def test_nan_stops_keeps_the_last_good_step_and_a_resume_trains(tmp_path):
   assert "step 6: loss is nan; stopped, this step not saved. Last good checkpoint: 4" in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1
   assert _steps(work) == [4]
-  r = subprocess.run(_cmd(work, "--config.loop.steps=8"), cwd=ROOT, env=ENV,
+  r = subprocess.run(_cmd(work, "--config.loop.steps=8", "--config.optim.lr=3e-4",
+                          "--config.resume_allow=optim.lr"), cwd=ROOT, env=ENV,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr
   losses = _losses(work)

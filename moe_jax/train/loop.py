@@ -209,6 +209,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   flops_per_token = flops.train_flops_per_token(model.cfg, loop.seq_len)
   peak = flops.peak_flops_per_device()
   key = jax.random.key(loop.seed)
+  lr_at = jax.jit(optim.schedule(opt))  # one small program, not one per schedule op
   bar = _progress(loop.steps, start) if jax.process_index() == 0 else None
   last: dict[str, float] = {}
   t_last, tokens_since = time.time(), 0.0
@@ -236,7 +237,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
         tps = tokens_since / dt
         last = {"loss": loss, "ce": float(m["ce"]), "aux_loss": float(m["aux_loss"]),
                 "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
-                "lr": float(optim.schedule(opt)(step)), "tokens_per_s": tps}
+                "lr": float(lr_at(step)), "tokens_per_s": tps}
         if peak:
           last["mfu"] = tps * flops_per_token / (peak * jax.device_count())
         last.update(metrics_lib.router_summary(jax.device_get(m["moe"])))
