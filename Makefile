@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip byte-compiles one file at a time; compileall below does it on every core, skipping
 # what the project never imports (pip itself, setuptools, networkx, transformers' other
 # models). Like pip, it ignores files this Python cannot compile (torch's py312 tests).
-NO_COMPILE := (/pip/|/setuptools/|/networkx/|/transformers/models/(?!(auto|llama|mistral|mixtral|qwen2|qwen2_moe|qwen3|qwen3_moe)/))
+NO_COMPILE := (/pip/|/setuptools/|/networkx/|/transformers/models/(?!(auto|llama|mistral|mixtral|qwen2|qwen2_moe|qwen3|qwen3_moe)/|__init__\.py))
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
