@@ -123,35 +123,38 @@ def _texts(tmp_path) -> list[str]:
 
 def _train(workdir, init, data, steps=2, **overrides):
   c = train_config.get_config("scratch,runlocal,method=none")
-  c = sweep.apply(c, {"init": init, "data.source": data, "scratch.tokenizer": "",
-                      "scratch.block": "parallel", "loop.steps": steps, "loop.seq_len": 64,
+  c = sweep.apply(c, {"init": init, "data.source": data, "scratch.tokenizer": "bpe:384",
+                      "scratch.block": "parallel", "loop.steps": steps, "loop.seq_len": 32,
                       "loop.batch_size": 2, "loop.eval_batches": 0, "loop.ckpt_every": steps,
                       "mesh.fsdp": 1, **overrides})
   return runs.train(c, str(workdir))
 
 
 def test_bam_of_three_trained_models_trains_evaluates_and_is_analysed(tmp_path):
-  """Three parallel-block dense models trained here on different texts, merged by BAM
-  (shared KV), then trained on, evaluated and analysed through the library's jobs."""
+  """BAM's setup in miniature: a parallel-block seed trained from scratch (with its own
+  small BPE vocabulary), three branches trained on from it on different texts, merged by
+  BAM with shared KV, then trained on, evaluated (with a completion) and analysed
+  through the library's jobs."""
   texts = _texts(tmp_path)
-  dense = []
+  _train(tmp_path / "seed", "scratch", texts[2])
+  branches = []
   for i, text in enumerate(texts):
-    _train(tmp_path / f"dense{i}", "scratch", text, **{"loop.seed": i})
-    dense.append(str(tmp_path / f"dense{i}"))
-  _upcycle(tmp_path / "bam", dense, **{"moa.shared_kv": True})
+    _train(tmp_path / f"branch{i}", str(tmp_path / "seed"), text, **{"loop.seed": i})
+    branches.append(str(tmp_path / f"branch{i}"))
+  _upcycle(tmp_path / "bam", branches, **{"moa.shared_kv": True})
   cfg = load.open_source(str(tmp_path / "bam")).cfg
   assert cfg.block == "parallel" and cfg.moa.shared_kv and cfg.moe.top_k == 1
-  last = _train(tmp_path / "train", str(tmp_path / "bam"), texts[2], steps=2,
-                **{"optim.lr": 1e-3})
+  assert cfg.vocab_size == load.open_source(str(tmp_path / "seed")).cfg.vocab_size
+  last = _train(tmp_path / "train", str(tmp_path / "bam"), texts[2], **{"optim.lr": 1e-3})
   assert np.isfinite(last["loss"]) and "moa/layer00/router_entropy" in last
   assert 0 < last["moa/layer01/router_entropy"] <= np.log(3) + 1e-6
   c = eval_config.get_config()
-  c.update(checkpoint=str(tmp_path / "train"), max_windows=1, seq_len=64, batch_size=1,
+  c.update(checkpoint=str(tmp_path / "train"), max_windows=1, seq_len=32, batch_size=1,
            prompt="def f(x):", max_new_tokens=4)
   result = runs.evaluate(c, str(tmp_path / "eval"))
   assert np.isfinite(result["ppl"]) and isinstance(result["completion"], str)
   c = analyze_config.get_config("runlocal")
-  c.update(checkpoint=str(tmp_path / "train"), seq_len=64, windows=1, domain_windows=0)
+  c.update(checkpoint=str(tmp_path / "train"), seq_len=32, windows=1, domain_windows=0)
   result = runs.analyze(c, str(tmp_path / "analysis"))
   assert result["reference"] is None and len(result["layers"]) == cfg.n_layers
   assert os.path.isfile(tmp_path / "analysis" / "report.md")
