@@ -44,7 +44,7 @@ def test_diverging_run_stops_before_saving_non_finite_params(tmp_path):
   (before the params check, that step was saved as good). A resume from the last good
   step with a sane LR trains: test_train.py, test_nan_stops_keeps_the_last_good_step_..."""
   work = str(tmp_path / "run")
-  c = _config(**{"optim.lr": 1e39, "optim.weight_decay": 0.0})
+  c = _config(**{"optim.lr": 1e39, "optim.weight_decay": 0.0, "upcycle.method": "none"})
   c.optim.warmup_steps = 0
   c.loop.update(steps=8, ckpt_every=1, keep=8)
   with pytest.raises(FloatingPointError, match="stopped, this step not saved") as e:
@@ -201,7 +201,7 @@ def _truncate_largest(step_dir):
 
 def test_corrupt_latest_step_falls_back_then_fails_in_one_line(tmp_path, caplog):
   work = str(tmp_path / "run")
-  c = _config()
+  c = _config(**{"upcycle.method": "none"})  # the restore path is the model's, MoE or not
   c.loop.update(steps=4, ckpt_every=2, keep=3)
   runs.train(c, work)
   ckpt = os.path.join(work, "checkpoints")
@@ -233,7 +233,7 @@ runpy.run_module(sys.argv[0], run_name="__main__")
 @pytest.mark.parametrize("binary,limit,args", [
     ("experiments.upcycle", 256 << 10, ["--config=configs/upcycle.py:method=copy,experts=2,topk=1",
                                         "--config.eval_windows=0"]),
-    ("experiments.train", 256 << 10, ["--config=configs/train.py:scratch,runlocal",
+    ("experiments.train", 256 << 10, ["--config=configs/train.py:scratch,runlocal,method=none",
                                       "--config.loop.steps=2", "--config.loop.seq_len=32",
                                       "--config.data.max_docs=4"]),
     ("experiments.evaluate", 64, ["--config=configs/evaluate.py", "--config.max_windows=1",
