@@ -85,6 +85,8 @@ def test_check_resume_config_names_the_first_changed_key():
   saved = {"loop": {"steps": 2, "seed": 0}, "optim": {"lr": 1e-3}, "mesh": {"data": 1}}
   init_plan.check_resume_config(saved, {"loop": {"steps": 9, "seed": 0}, "optim": {"lr": 1e-3},
                                         "mesh": {"data": 4}}, "", "w")
+  init_plan.check_resume_config(saved, {"loop": {"steps": 2, "seed": 0}, "optim": {"lr": 1e-3},
+                                        "scratch": {"block": "sequential"}}, "", "w")  # newer key
   with pytest.raises(ValueError, match=r"^w: resuming with config.loop.seed=1"):
     init_plan.check_resume_config(saved, {"loop": {"steps": 2, "seed": 1},
                                           "optim": {"lr": 1e-3}}, "", "w")

@@ -152,11 +152,14 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def check_resume_config(saved: dict, new: dict, allow: str, where: str) -> None:
   """Refuses, in one line naming the first key, a resume whose config differs from the
-  saved run's outside RESUME_FREE and the comma-separated keys (or sections) `allow`."""
+  saved run's outside RESUME_FREE and the comma-separated keys (or sections) `allow`.
+  Keys the saved config lacks (added to the config since) are not compared."""
   free = RESUME_FREE + tuple(k.strip() for k in allow.split(",") if k.strip())
   old, cur = _flat(saved), _flat(json.loads(json.dumps(new, default=str)))  # as saved
   for key in sorted(set(old) | set(cur)):
     if any(key == f or key.startswith(f + ".") for f in free):
+      continue
+    if key not in old:  # a key added after the run was saved (its default keeps old behaviour)
       continue
     if old.get(key, "<unset>") != cur.get(key, "<unset>"):
       raise ValueError(
