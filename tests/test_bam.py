@@ -201,3 +201,20 @@ def test_export_refuses_attention_experts_in_one_line(tmp_path):
     export_hf.export(str(tmp_path / "bam"), str(tmp_path / "hf_out"), "mixtral")
   assert not (tmp_path / "hf_out").exists()
   nnx.state(checkpoint.load(str(tmp_path / "bam")))  # the checkpoint itself is intact
+
+
+def test_sources_with_different_vocabularies_are_refused():
+  """Averaged embeddings need one vocabulary (bare HF directories, without a tokenizer,
+  are not compared)."""
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  from moe_jax.upcycle import merge  # pylint: disable=g-import-not-at-top
+
+  def src(path, vocab):
+    tok = SimpleNamespace(tok=SimpleNamespace(get_vocab=lambda: vocab))
+    return SimpleNamespace(path=path, has_tokenizer=lambda: vocab is not None,
+                           tokenizer=lambda: tok)
+
+  merge._check_tokenizers([src("a", {"x": 0}), src("b", None), src("c", {"x": 0})])
+  msg = r"^c: merge source 2's tokenizer differs from source 0's \(a\)"
+  with pytest.raises(ValueError, match=msg):
+    merge._check_tokenizers([src("a", {"x": 0}), src("b", None), src("c", {"y": 0})])
