@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import batches
+
 from moe_jax import sharding
 from moe_jax.config import ModelConfig
 from moe_jax.models import layers, llama
@@ -166,15 +168,6 @@ def _cfg(**kw) -> ModelConfig:
   return ModelConfig(**{**base, **kw})
 
 
-def _batch(b=8, length=12):
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 64, (b, length + 1))
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-          "positions": np.tile(np.arange(length), (b, 1)),
-          "segment_ids": np.ones((b, length), np.int32),
-          "loss_mask": np.ones((b, length), np.float32)}
-
-
 def _loss_and_grads(model, batch):
   graphdef, state = nnx.split(model)
 
@@ -194,7 +187,7 @@ def test_sharded_moa_equals_one_device():
   model = llama.create(cfg, seed=0, mesh=mesh)
   wq = model.layers[0].attn.wq[...]
   assert wq.sharding.spec[0] == "expert" and {s.data.shape[0] for s in wq.addressable_shards} == {1}
-  batch = _batch()
+  batch = batches.lm_batch(8, 12)
   want_loss, want_grads = _loss_and_grads(sharding.place(model, None), batch)
   spec = sharding.logical_to_spec(("batch", "length"), mesh_axes=mesh.axis_names)
   sharded = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, spec)) for k, v in batch.items()}

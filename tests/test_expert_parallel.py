@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import batches
+
 from moe_jax import checkpoint, runs, sharding
 from moe_jax.config import ModelConfig
 from moe_jax.data import pipeline
@@ -27,15 +29,6 @@ def _cfg(backend: str = "dropless") -> ModelConfig:
                   aux_loss_coeff=0.1, z_loss_coeff=0.01)
   return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                      head_dim=8, ffn_dim=48, moe=moe)
-
-
-def _batch(b=8, length=16):
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 64, (b, length + 1))
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-          "positions": np.tile(np.arange(length), (b, 1)),
-          "segment_ids": np.ones((b, length), np.int32),
-          "loss_mask": np.ones((b, length), np.float32)}
 
 
 O0 = {"xla_backend_optimization_level": 0}  # halves XLA:CPU compile time; same numerics
@@ -75,7 +68,7 @@ def test_sharded_step_matches_one_device(backend, axes, monkeypatch):
   monkeypatch.setattr(expert_parallel, "moe_forward_ep", lambda *a, **k: calls.append(1) or ep(*a, **k))
   mesh = sharding.make_mesh(**axes)
   model = _model(backend, mesh)
-  batch = _batch()
+  batch = batches.lm_batch(8, 16)
   if backend not in _REFERENCE:  # the same values (any mesh: partitionable RNG) on one device
     _REFERENCE[backend] = _loss_and_grads(sharding.place(model, None), batch)
     assert not calls
