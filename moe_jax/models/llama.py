@@ -220,10 +220,9 @@ def create(cfg: ModelConfig, seed: int = 0,
            mesh: jax.sharding.Mesh | None = None) -> Transformer:
   """A randomly initialised model: on the default device, or with `mesh` built directly
   sharded (each param initialised in place on its shards, never whole on one device)."""
-  if mesh is not None:
-    return sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh)
-  with nnx.use_eager_sharding(False):
-    return Transformer(cfg, rngs=nnx.Rngs(seed))
+  # One jit either way: eager init would compile every op of every param shape, each
+  # at full optimisation (seconds per shape on CPU).
+  return sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh)
 
 
 def abstract(cfg: ModelConfig) -> Transformer:
