@@ -119,3 +119,56 @@ def bench_moa(b: int, length: int, d: int, h: int, g: int, n: int, shared_kv: bo
   print(f"moa_fwd_bwd_s={med['moa']:.4f} dense_attention_fwd_bwd_s={med['dense']:.4f}")
   print(f"ratio={ratio:.3f}")
   return ratio
+
+
+def bench_generate(new_tokens: int, check_tokens: int, prompt: str, repeats: int,
+                   upcycle_experts: int) -> dict:
+  """Greedy generation of `new_tokens` from the embedded SmolLM2, with the KV cache
+  (moe_jax.generation.generate) against the full-forward reference (generate_uncached),
+  alternating after a warm-up run of each (the warm-ups compile); EOS is ignored so both
+  emit exactly `new_tokens`. Then, on the copy upcycle of every layer into
+  `upcycle_experts` experts top-2, the first `check_tokens` with and without the cache."""
+  from moe_jax import generation  # pylint: disable=g-import-not-at-top
+  from moe_jax.convert import load  # pylint: disable=g-import-not-at-top
+  from moe_jax.upcycle import convert, methods  # pylint: disable=g-import-not-at-top
+  model, tok = load.load_model("")
+  ids = tok.encode(prompt)
+  runs = {"cached": lambda m, n: generation.generate(m, [ids], n)[0],
+          "uncached": lambda m, n: generation.generate_uncached(m, ids, n)}
+  # Warm-ups compile: a whole cached run (cheap), and one forward of the uncached
+  # buffer's shape (a whole uncached run is new_tokens forwards of that length).
+  runs["cached"](model, new_tokens)
+  generation._next_token_uncached(model, jnp.zeros((1, len(ids) + new_tokens), jnp.int32),
+                                  jnp.int32(0))
+  out, times = {}, {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, fn in runs.items():
+      t0 = time.perf_counter()
+      got = fn(model, new_tokens)
+      times[name].append(time.perf_counter() - t0)
+      assert out.setdefault(name, got) == got
+  med = {name: float(np.median(v)) for name, v in times.items()}
+  result = {"new_tokens": new_tokens, "prompt_tokens": len(ids), "repeats": repeats,
+            "cached_s": med["cached"], "uncached_s": med["uncached"],
+            "cached_tokens_per_s": new_tokens / med["cached"],
+            "uncached_tokens_per_s": new_tokens / med["uncached"],
+            "speedup": med["uncached"] / med["cached"],
+            "dense_cached_equals_uncached": out["cached"] == out["uncached"],
+            "device": jax.devices()[0].device_kind}
+  print(f"SmolLM2 dense, {new_tokens} new tokens after {len(ids)}: cached "
+        f"{result['cached_tokens_per_s']:.1f} tok/s, uncached "
+        f"{result['uncached_tokens_per_s']:.2f} tok/s, identical={out['cached'] == out['uncached']}")
+  print(f"speedup={result['speedup']:.1f}")
+  if upcycle_experts:
+    spec = methods.UpcycleSpec(method="copy", num_experts=upcycle_experts, top_k=2)
+    moe_cfg = convert.moe_model_config(model.cfg, spec, "all")
+    up = convert.Upcycler(spec, moe_cfg, "normal", 0.5)
+    moe = convert.model_from_items(moe_cfg, convert.upcycle_items(
+        model.cfg, load.open_source("").tensors(), up))
+    cached, uncached = runs["cached"](moe, check_tokens), runs["uncached"](moe, check_tokens)
+    result.update(check_tokens=check_tokens, upcycle=f"copy, {upcycle_experts} experts top-2, "
+                  "every layer", moe_cached_equals_uncached=cached == uncached,
+                  moe_equals_dense=cached == out["uncached"][:check_tokens])
+    print(f"upcycled ({result['upcycle']}), {check_tokens} tokens: cached == uncached: "
+          f"{cached == uncached}; == dense: {result['moe_equals_dense']}")
+  return result

@@ -1,4 +1,4 @@
-"""Perplexity by one fixed definition, and greedy generation.
+"""Perplexity by one fixed definition (generation: moe_jax/generation.py).
 
 Perplexity: tokenise without special tokens, cut into non-overlapping windows of
 `seq_len` tokens (the remainder dropped), mean next-token NLL over all predicted
@@ -55,25 +55,3 @@ def mean_nll(model, windows_NxL: np.ndarray, batch_size: int = 4,
 def perplexity(model, windows_NxL: np.ndarray, batch_size: int = 4, progress=None) -> dict:
   loss, tokens = mean_nll(model, windows_NxL, batch_size, progress)
   return {"eval_loss": loss, "ppl": math.exp(loss), "tokens": tokens}
-
-
-@nnx.jit
-def _next_token(model, tokens_1xL: jax.Array, pos: jax.Array) -> jax.Array:
-  logits, _ = model(tokens_1xL)
-  return jnp.argmax(logits[0, pos]).astype(jnp.int32)
-
-
-def generate(model, prompt_ids: list[int], max_new_tokens: int = 32,
-             eos_id: int | None = None) -> list[int]:
-  """Greedy decoding over a fixed-length buffer (one compile; no KV cache: for demos)."""
-  length = len(prompt_ids) + max_new_tokens
-  buf = np.zeros((1, length), np.int32)
-  buf[0, :len(prompt_ids)] = prompt_ids
-  out = []
-  for pos in range(len(prompt_ids) - 1, length - 1):
-    tok = int(_next_token(model, jnp.asarray(buf), jnp.int32(pos)))
-    if tok == eos_id:
-      break
-    buf[0, pos + 1] = tok
-    out.append(tok)
-  return out

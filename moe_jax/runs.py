@@ -14,7 +14,7 @@ import jax
 from absl import logging
 
 from moe_jax import checkpoint, locks, sharding
-from moe_jax import evaluate as eval_lib
+from moe_jax import evaluate as eval_lib, generation
 from moe_jax.convert import load
 from moe_jax.data import corpus, pipeline
 from moe_jax.train import init_plan, loop as loop_lib, optim
@@ -64,7 +64,8 @@ def evaluate(config, workdir: str) -> dict:
                 windows=len(windows), seconds=round(time.time() - t0, 2),
                 backend=model.cfg.moe.backend if model.cfg.moe else None)
   if config.prompt:
-    ids = eval_lib.generate(model, tok.encode(config.prompt), config.max_new_tokens, tok.eos_id)
+    ids = generation.generate(model, [tok.encode(config.prompt)], config.max_new_tokens,
+                              eos_id=tok.eos_id)[0]
     result["completion"] = tok.decode(ids)
     print(f"prompt: {config.prompt!r}\ncompletion: {result['completion']!r}")
   created = not os.path.isdir(workdir)

@@ -36,7 +36,7 @@ def reference_ffn_inputs(model, tokens_BxL):
   out = []
   for block in model.layers:
     x = x + block.attn(layers.rms_norm(x, block.attn_norm[...], cfg.rms_eps), positions, mask,
-                       inv_freq)
+                       inv_freq)[0]
     h = layers.rms_norm(x, block.mlp_norm[...], cfg.rms_eps)
     out.append(h)
     x = x + block.mlp(h)[0]

@@ -78,3 +78,25 @@ def swiglu(x_BxLxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array,
   """The dense SwiGLU FFN: (silu(x Wg) * x Wu) Wd."""
   h = jax.nn.silu(x_BxLxD @ w_gate_DxF) * (x_BxLxD @ w_up_DxF)
   return h @ w_down_FxD
+
+
+# ------------------------------------------------------------------------- KV cache
+
+def write_cache(cache_BxSx: jax.Array, new_BxLx: jax.Array, index: jax.Array) -> jax.Array:
+  """`new` written into slots index .. index+L-1 of a [B, S, ...] cache."""
+  return jax.lax.dynamic_update_slice_in_dim(cache_BxSx, new_BxLx.astype(cache_BxSx.dtype),
+                                             index, axis=1)
+
+
+def cache_mask(valid_BxS: jax.Array, index: jax.Array, length: int,
+               sliding_window: int | None) -> jax.Array:
+  """Boolean [B, 1, L, S] for L queries in slots index .. index+L-1 over a cache's S slots:
+  causal in slots, only slots holding a real token (`valid_BxS`, false for padding), and
+  within the sliding window if any. Real tokens occupy consecutive slots (left padding),
+  so slot distances are position distances."""
+  q_slot = index + jnp.arange(length)[:, None]
+  k_slot = jnp.arange(valid_BxS.shape[1])[None, :]
+  mask_LxS = k_slot <= q_slot
+  if sliding_window is not None:
+    mask_LxS &= (q_slot - k_slot) < sliding_window
+  return (mask_LxS[None] & valid_BxS[:, None, :])[:, None]

@@ -6,6 +6,8 @@ what the blocks record (FFN inputs, routing): see moe_jax/moe/layer.py `sow`.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -47,7 +49,10 @@ class Attention(nnx.Module):
       self.q_norm = _ones((k,), ("head_dim",), pd)
       self.k_norm = _ones((k,), ("head_dim",), pd)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, inv_freq):
+  def __call__(self, x_BxLxD, positions_BxL, mask, inv_freq, kv=None):
+    """(y_BxLxD, {}, new_kv). With `kv` = (k_cache, v_cache, index), this call's keys and
+    values go into the caches' slots from `index` and the queries attend over the caches
+    (`mask` [B, 1, L, S]); new_kv is the updated (k_cache, v_cache), else None."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
     k = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt))
@@ -60,8 +65,15 @@ class Attention(nnx.Module):
       k = layers.rms_norm(k, self.k_norm[...], cfg.rms_eps)
     q = layers.apply_rope(q, positions_BxL, inv_freq)
     k = layers.apply_rope(k, positions_BxL, inv_freq)
-    out_BxLxHxK = layers.gqa_attention(q, k, v, mask_Bx1xLxL)
-    return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt))
+    new_kv = None
+    if kv is not None:
+      k_cache, v_cache, index = kv
+      k, v = new_kv = layers.write_cache(k_cache, k, index), layers.write_cache(v_cache, v, index)
+    out_BxLxHxK = layers.gqa_attention(q, k.astype(dt), v.astype(dt), mask)
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt)), {}, new_kv
+
+  def cache_shape(self, batch: int, slots: int) -> tuple[int, ...]:
+    return (batch, slots, self.cfg.n_kv_heads, self.cfg.head_dim)
 
 
 class Mlp(nnx.Module):
@@ -97,16 +109,26 @@ class MoaAttention(nnx.Module):
     self.wv = _param(rngs, kv, kv_names, pd)
     self.wo = _param(rngs, (n, h, k, d), ("expert", "heads", "head_dim", "embed"), pd)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, inv_freq):
-    """(y_BxLxD, stats): stats hold load_E and router_entropy (float32)."""
+  def __call__(self, x_BxLxD, positions_BxL, mask, inv_freq, kv=None):
+    """(y_BxLxD, stats, new_kv): stats hold load_E and router_entropy (float32); `kv` as
+    in Attention, the caches [B, S, N, G, K] (expert KV) or [B, S, G, K] (shared KV)."""
     dt = jnp.dtype(self.cfg.dtype)
     probs_BxLxN = moa_lib.router_probs(x_BxLxD, self.router[...])
     gates_BxLxN = moa_lib.gates(probs_BxLxN, self.cfg.moa.top_k)
     moe_layer.sow(self, "attn_router_probs", probs_BxLxN)
-    y_BxLxD = moa_lib.mixture_of_attention(
-        x_BxLxD, gates_BxLxN, *(w[...].astype(dt) for w in (self.wq, self.wk, self.wv, self.wo)),
-        positions_BxL, mask_Bx1xLxL, inv_freq)
-    return y_BxLxD, moa_lib.router_stats(probs_BxLxN, gates_BxLxN)
+    wq, wk, wv, wo = (w[...].astype(dt) for w in (self.wq, self.wk, self.wv, self.wo))
+    q, k, v = moa_lib.project(x_BxLxD, wq, wk, wv, positions_BxL, inv_freq)
+    new_kv = None
+    if kv is not None:
+      k_cache, v_cache, index = kv
+      k, v = new_kv = layers.write_cache(k_cache, k, index), layers.write_cache(v_cache, v, index)
+    y_BxLxD = moa_lib.attend(q, k.astype(dt), v.astype(dt), gates_BxLxN, wo, mask)
+    return y_BxLxD, moa_lib.router_stats(probs_BxLxN, gates_BxLxN), new_kv
+
+  def cache_shape(self, batch: int, slots: int) -> tuple[int, ...]:
+    cfg = self.cfg
+    experts = () if cfg.moa.shared_kv else (cfg.moa.num_experts,)
+    return (batch, slots, *experts, cfg.n_kv_heads, cfg.head_dim)
 
 
 class Block(nnx.Module):
@@ -129,12 +151,13 @@ class Block(nnx.Module):
     else:
       self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask, inv_freq, *, train=False, key=None):
-    """(x_BxLxD, ffn stats, attention stats); the stats are {} for dense parts."""
+  def __call__(self, x_BxLxD, positions_BxL, mask, inv_freq, *, train=False, key=None,
+               kv=None):
+    """(x_BxLxD, ffn stats, attention stats, new_kv); the stats are {} for dense parts,
+    new_kv the updated KV cache when `kv` is given (see Attention), else None."""
     eps = self.cfg.rms_eps
     h_BxLxD = layers.rms_norm(x_BxLxD, self.attn_norm[...], eps)
-    attn = self.attn(h_BxLxD, positions_BxL, mask, inv_freq)
-    attn_BxLxD, attn_stats = attn if isinstance(attn, tuple) else (attn, {})
+    attn_BxLxD, attn_stats, new_kv = self.attn(h_BxLxD, positions_BxL, mask, inv_freq, kv)
     if self.cfg.block == "parallel":
       ffn_in_BxLxD = h_BxLxD
     else:
@@ -145,7 +168,16 @@ class Block(nnx.Module):
     if self.cfg.block == "parallel":
       y_BxLxD = y_BxLxD + attn_BxLxD
     x_BxLxD = sharding.constrain(x_BxLxD + y_BxLxD, ("batch", "length", "embed"))
-    return x_BxLxD, stats, attn_stats
+    return x_BxLxD, stats, attn_stats, new_kv
+
+
+class KVCache(NamedTuple):
+  """Keys and values of the tokens generated so far: one (k, v) pair per layer, each
+  [B, S, G, K] ([B, S, N, G, K] for attention experts with their own KV), which slots
+  hold a real token, and the next slot to write."""
+  kv: tuple[tuple[jax.Array, jax.Array], ...]
+  valid_BxS: jax.Array
+  index: jax.Array
 
 
 class Transformer(nnx.Module):
@@ -167,20 +199,45 @@ class Transformer(nnx.Module):
     attention experts' under aux["moa"][layer_id].
 
     `key` seeds router jitter in training (folded with the layer index)."""
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones_like(tokens_BxL)
-    mask = layers.attention_mask(segment_ids_BxL, cfg.sliding_window)
+    mask = layers.attention_mask(segment_ids_BxL, self.cfg.sliding_window)
+    logits, aux, _ = self._forward(tokens_BxL, positions_BxL, mask, train, key)
+    return logits, aux
+
+  def init_cache(self, batch: int, slots: int) -> KVCache:
+    """An empty KV cache of `slots` positions per row, in the compute dtype."""
+    dt = jnp.dtype(self.cfg.dtype)
+    kv = tuple((jnp.zeros(b.attn.cache_shape(batch, slots), dt),) * 2 for b in self.layers)
+    return KVCache(kv, jnp.zeros((batch, slots), bool), jnp.int32(0))
+
+  def decode(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, cache: KVCache,
+             real_BxL: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Inference on L new tokens per row that fill cache slots index .. index+L-1 and
+    attend to every real token already there: the prefill (L = prompt length, index 0)
+    and each decoding step (L = 1) of generation. `real_BxL` is false for padding (left
+    padding of shorter prompts), which no later token attends to. Returns the logits
+    [B, L, V] (float32) and the cache with the new keys and values."""
+    real_BxL = jnp.ones(tokens_BxL.shape, bool) if real_BxL is None else real_BxL
+    valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, real_BxL, cache.index, 1)
+    mask = layers.cache_mask(valid_BxS, cache.index, tokens_BxL.shape[1], self.cfg.sliding_window)
+    logits, _, kv = self._forward(tokens_BxL, positions_BxL, mask, False, None, cache)
+    return logits, KVCache(kv, valid_BxS, cache.index + tokens_BxL.shape[1])
+
+  def _forward(self, tokens_BxL, positions_BxL, mask, train, key, cache=None):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
     x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
-    moe_stats, moa_stats = {}, {}
+    moe_stats, moa_stats, new_kv = {}, {}, []
     for i, block in enumerate(self.layers):
       layer_key = None if key is None else jax.random.fold_in(key, i)
-      x_BxLxD, stats, attn_stats = block(x_BxLxD, positions_BxL, mask, inv_freq, train=train,
-                                         key=layer_key)
+      kv = None if cache is None else (*cache.kv[i], cache.index)
+      x_BxLxD, stats, attn_stats, layer_kv = block(x_BxLxD, positions_BxL, mask, inv_freq,
+                                                   train=train, key=layer_key, kv=kv)
+      new_kv.append(layer_kv)
       if stats:
         moe_stats[i] = stats
       if attn_stats:
@@ -189,8 +246,8 @@ class Transformer(nnx.Module):
     head_DxV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt),
                         preferred_element_type=jnp.float32)
-    return sharding.constrain(logits, ("batch", "length", "vocab")), {"moe": moe_stats,
-                                                                        "moa": moa_stats}
+    logits = sharding.constrain(logits, ("batch", "length", "vocab"))
+    return logits, {"moe": moe_stats, "moa": moa_stats}, tuple(new_kv)
 
 
 @nnx.jit

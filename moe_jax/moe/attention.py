@@ -68,31 +68,42 @@ def _rope(x_BxLxNxHxK: jax.Array, positions_BxL, inv_freq) -> jax.Array:
   return x.reshape(b, length, n, h, k)
 
 
+def project(x_BxLxD: jax.Array, wq_NxDxHxK: jax.Array, wk: jax.Array, wv: jax.Array,
+            positions_BxL: jax.Array, inv_freq: jax.Array):
+  """Every expert's rotated queries [B, L, N, H, K], and the keys and values: [B, L, N, G, K]
+  (expert KV) or [B, L, G, K] (shared KV: one set for all experts, one KV cache)."""
+  q = _rope(jnp.einsum("bld,ndhk->blnhk", x_BxLxD, wq_NxDxHxK), positions_BxL, inv_freq)
+  if wk.ndim == 3:
+    k = layers.apply_rope(jnp.einsum("bld,dgk->blgk", x_BxLxD, wk), positions_BxL, inv_freq)
+    return q, k, jnp.einsum("bld,dgk->blgk", x_BxLxD, wv)
+  k = _rope(jnp.einsum("bld,ndgk->blngk", x_BxLxD, wk), positions_BxL, inv_freq)
+  return q, k, jnp.einsum("bld,ndgk->blngk", x_BxLxD, wv)
+
+
+def attend(q_BxLxNxHxK: jax.Array, k: jax.Array, v: jax.Array, gates_BxLxN: jax.Array,
+           wo_NxHxKxD: jax.Array, mask_Bx1xLxS: jax.Array) -> jax.Array:
+  """sum_n gates_n * (attention of expert n) W_o,n, [B, L, D], over S keys (S = L, or a
+  KV cache's slots); softmax in float32 (at least), like layers.gqa_attention."""
+  b, length, n, h, kd = q_BxLxNxHxK.shape
+  g = k.shape[-2]
+  q = q_BxLxNxHxK.reshape(b, length, n, g, h // g, kd)
+  kv = "bmgk" if k.ndim == 4 else "bmngk"
+  acc = jnp.promote_types(q.dtype, jnp.float32)  # float32, or float64 under x64
+  scores = jnp.einsum(f"blngrk,{kv}->bngrlm", q, k, preferred_element_type=acc) / math.sqrt(kd)
+  scores = jnp.where(mask_Bx1xLxS[:, :, None, None], scores, jnp.finfo(acc).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum(f"bngrlm,{kv}->blngrk", probs, v).reshape(b, length, n, h, kd)
+  return jnp.einsum("blnhk,bln,nhkd->bld", out, gates_BxLxN.astype(out.dtype), wo_NxHxKxD)
+
+
 def mixture_of_attention(x_BxLxD: jax.Array, gates_BxLxN: jax.Array, wq_NxDxHxK: jax.Array,
                          wk: jax.Array, wv: jax.Array, wo_NxHxKxD: jax.Array,
                          positions_BxL: jax.Array, mask_Bx1xLxL: jax.Array,
                          inv_freq: jax.Array) -> jax.Array:
   """sum_n gates_n * MHA_n(x), [B, L, D]. `wk`, `wv` are [N, D, G, K] (expert KV) or
-  [D, G, K] (shared KV); softmax in float32 (at least), like layers.gqa_attention."""
-  b, length, _ = x_BxLxD.shape
-  n, _, h, kd = wq_NxDxHxK.shape
-  g = wk.shape[-2]
-  shared = wk.ndim == 3
-  q = _rope(jnp.einsum("bld,ndhk->blnhk", x_BxLxD, wq_NxDxHxK), positions_BxL, inv_freq)
-  if shared:
-    k = layers.apply_rope(jnp.einsum("bld,dgk->blgk", x_BxLxD, wk), positions_BxL, inv_freq)
-    v = jnp.einsum("bld,dgk->blgk", x_BxLxD, wv)
-  else:
-    k = _rope(jnp.einsum("bld,ndgk->blngk", x_BxLxD, wk), positions_BxL, inv_freq)
-    v = jnp.einsum("bld,ndgk->blngk", x_BxLxD, wv)
-  q = q.reshape(b, length, n, g, h // g, kd)
-  kv = "bmgk" if shared else "bmngk"
-  acc = jnp.promote_types(q.dtype, jnp.float32)  # float32, or float64 under x64
-  scores = jnp.einsum(f"blngrk,{kv}->bngrlm", q, k, preferred_element_type=acc) / math.sqrt(kd)
-  scores = jnp.where(mask_Bx1xLxL[:, :, None, None], scores, jnp.finfo(acc).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bngrlm,{kv}->blngrk", probs, v).reshape(b, length, n, h, kd)
-  return jnp.einsum("blnhk,bln,nhkd->bld", out, gates_BxLxN.astype(out.dtype), wo_NxHxKxD)
+  [D, G, K] (shared KV)."""
+  q, k, v = project(x_BxLxD, wq_NxDxHxK, wk, wv, positions_BxL, inv_freq)
+  return attend(q, k, v, gates_BxLxN, wo_NxHxKxD, mask_Bx1xLxL)
 
 
 def router_stats(probs_BxLxN: jax.Array, gates_BxLxN: jax.Array) -> dict[str, jax.Array]:
