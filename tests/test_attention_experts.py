@@ -210,8 +210,8 @@ def test_parallel_block_equals_its_reference():
   positions = jnp.broadcast_to(jnp.arange(L), (B, L))
   mask = layers.attention_mask(jnp.ones((B, L), jnp.int32), None)
   inv = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, None)
-  got, stats, attn_stats = block(jnp.asarray(x, jnp.float32), positions, mask, inv)
-  assert stats == {} and attn_stats == {}
+  got, stats, attn_stats, kv = block(jnp.asarray(x, jnp.float32), positions, mask, inv)
+  assert stats == {} and attn_stats == {} and kv is None
   p = lambda w: np.asarray(w[...], np.float64)
   h = _rms_np(x, p(block.attn_norm), cfg.rms_eps)
   attn = np.stack([_mha_np(hb, p(block.attn.wq), p(block.attn.wk), p(block.attn.wv),

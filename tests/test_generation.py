@@ -12,15 +12,16 @@ from moe_jax.models import llama
 from moe_jax.moe.attention import MoaConfig
 from moe_jax.moe.config import MoeConfig
 
-BASE = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-            ffn_dim=48)
-MODELS = {
+# SmolLM2's layout in small: tied embeddings, 3 query heads per KV head. On SmolLM2 itself
+# experiments/bench_generate.py checks 256 tokens, and 64 on its 8-expert upcycle of
+# every layer (docs/results/generate_smollm2.json).
+BASE = dict(vocab_size=64, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8,
+            ffn_dim=48, tie_embeddings=True)
+MODELS = {  # each path once: MoE FFN, attention experts, parallel block, sliding window
     "dense": {},
-    "moe": dict(moe=MoeConfig(num_experts=4, top_k=2, expert_dim=16, backend="dropless")),
-    "bam_expert_kv": dict(moa=MoaConfig(3), block="parallel",
-                          moe=MoeConfig(num_experts=3, top_k=1, expert_dim=16, layers="1")),
-    "bam_shared_kv": dict(moa=MoaConfig(3, shared_kv=True)),
-    "sliding_window": dict(sliding_window=5),
+    "bam_expert_kv_moe": dict(moa=MoaConfig(3), block="parallel", moe=MoeConfig(
+        num_experts=4, top_k=2, expert_dim=16, backend="dropless", layers="1")),
+    "bam_shared_kv_window": dict(moa=MoaConfig(3, shared_kv=True), sliding_window=5),
 }
 PROMPTS = [[3, 4, 5, 6, 7], [9, 10], list(range(1, 16))]  # one prompt width: one compile
 

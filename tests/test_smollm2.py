@@ -11,9 +11,8 @@ import pytest
 import torch
 import transformers
 
-from moe_jax import evaluate, generation, runs
+from moe_jax import evaluate, runs
 from moe_jax.convert import gguf, load
-from moe_jax.upcycle import convert, methods
 from moe_jax.data import corpus
 from configs import evaluate as eval_config
 
@@ -99,25 +98,6 @@ def test_perplexity_matches_transformers(hf_model, tmp_path):
   assert result["tokens"] == 2 * 127
   assert abs(result["ppl"] / np.exp(ref) - 1) < 1e-3
   assert os.path.exists(tmp_path / "eval.json")
-
-
-def test_cached_generation_equals_uncached_on_dense_and_upcycled(ours):
-  """Greedy tokens with the KV cache are exactly the full-forward reference's on the
-  dense model, and an 8-expert top-2 copy upcycle (of layer 15: the cache path is per
-  layer) generates them too, as function preservation implies (cached against uncached on
-  MoE models: test_generation.py). 16 tokens here; experiments/bench_generate.py checks
-  64 on the upcycle of every layer."""
-  model, tok = ours
-  prompt = tok.encode("The capital of France is")
-  want = generation.generate_uncached(model, prompt, 16, tok.eos_id)
-  assert generation.generate(model, [prompt], 16, eos_id=tok.eos_id)[0] == want
-  assert len(want) == 16
-  spec = methods.UpcycleSpec(method="copy", num_experts=8, top_k=2)
-  moe_cfg = convert.moe_model_config(model.cfg, spec, "15")
-  up = convert.Upcycler(spec, moe_cfg, "normal", 0.5)
-  moe = convert.model_from_items(moe_cfg, convert.upcycle_items(
-      model.cfg, load.open_source("").tensors(), up))
-  assert generation.generate(moe, [prompt], 16, eos_id=tok.eos_id)[0] == want
 
 
 def test_truncated_and_foreign_files(tmp_path):
