@@ -3,7 +3,7 @@
   python -m experiments.render_results
 
 Each table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->`, and is
-rendered from docs/results/NAME.json by the function of that name below.
+rendered from docs/results/NAME.json by RENDERERS[NAME].
 """
 import json
 import os
@@ -30,11 +30,14 @@ def generate_smollm2(r: dict) -> str:
                     f"median of {r['repeats']} after the warm-ups compile)", "", *rows])
 
 
+RENDERERS = {"generate_smollm2": generate_smollm2}
+
+
 def main() -> int:
   doc = open(DOC, encoding="utf-8").read()
   for name in re.findall(r"<!-- results:(\w+) -->", doc):
     with open(os.path.join(ROOT, "docs", "results", f"{name}.json"), encoding="utf-8") as f:
-      table = globals()[name](json.load(f))
+      table = RENDERERS[name](json.load(f))
     doc = re.sub(rf"(<!-- results:{name} -->\n)(.*?\n)?(<!-- /results:{name} -->)",
                  lambda m: m.group(1) + table + "\n" + m.group(3), doc, flags=re.S)
   with open(DOC + ".tmp", "w", encoding="utf-8") as f:

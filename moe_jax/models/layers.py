@@ -88,6 +88,17 @@ def write_cache(cache_BxSx: jax.Array, new_BxLx: jax.Array, index: jax.Array) ->
                                              index, axis=1)
 
 
+def with_cache(k: jax.Array, v: jax.Array, kv):
+  """(keys, values, new_kv) to attend over: without a cache (`kv` None) this call's own
+  and None; with `kv` = (k_cache, v_cache, index), the caches with this call's written
+  from slot `index`, which are also the new cache."""
+  if kv is None:
+    return k, v, None
+  k_cache, v_cache, index = kv
+  k, v = write_cache(k_cache, k, index), write_cache(v_cache, v, index)
+  return k, v, (k, v)
+
+
 def cache_mask(valid_BxS: jax.Array, index: jax.Array, length: int,
                sliding_window: int | None) -> jax.Array:
   """Boolean [B, 1, L, S] for L queries in slots index .. index+L-1 over a cache's S slots:

@@ -65,10 +65,7 @@ class Attention(nnx.Module):
       k = layers.rms_norm(k, self.k_norm[...], cfg.rms_eps)
     q = layers.apply_rope(q, positions_BxL, inv_freq)
     k = layers.apply_rope(k, positions_BxL, inv_freq)
-    new_kv = None
-    if kv is not None:
-      k_cache, v_cache, index = kv
-      k, v = new_kv = layers.write_cache(k_cache, k, index), layers.write_cache(v_cache, v, index)
+    k, v, new_kv = layers.with_cache(k, v, kv)
     out_BxLxHxK = layers.gqa_attention(q, k.astype(dt), v.astype(dt), mask)
     return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt)), {}, new_kv
 
@@ -118,10 +115,7 @@ class MoaAttention(nnx.Module):
     moe_layer.sow(self, "attn_router_probs", probs_BxLxN)
     wq, wk, wv, wo = (w[...].astype(dt) for w in (self.wq, self.wk, self.wv, self.wo))
     q, k, v = moa_lib.project(x_BxLxD, wq, wk, wv, positions_BxL, inv_freq)
-    new_kv = None
-    if kv is not None:
-      k_cache, v_cache, index = kv
-      k, v = new_kv = layers.write_cache(k_cache, k, index), layers.write_cache(v_cache, v, index)
+    k, v, new_kv = layers.with_cache(k, v, kv)
     y_BxLxD = moa_lib.attend(q, k.astype(dt), v.astype(dt), gates_BxLxN, wo, mask)
     return y_BxLxD, moa_lib.router_stats(probs_BxLxN, gates_BxLxN), new_kv
 
@@ -221,7 +215,7 @@ class Transformer(nnx.Module):
     padding of shorter prompts), which no later token attends to. Returns the logits
     [B, L, V] (float32) and the cache with the new keys and values."""
     real_BxL = jnp.ones(tokens_BxL.shape, bool) if real_BxL is None else real_BxL
-    valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, real_BxL, cache.index, 1)
+    valid_BxS = layers.write_cache(cache.valid_BxS, real_BxL, cache.index)
     mask = layers.cache_mask(valid_BxS, cache.index, tokens_BxL.shape[1], self.cfg.sliding_window)
     logits, _, kv = self._forward(tokens_BxL, positions_BxL, mask, False, None, cache)
     return logits, KVCache(kv, valid_BxS, cache.index + tokens_BxL.shape[1])
