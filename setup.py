@@ -14,6 +14,9 @@ CORE = [
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
     "numpy==2.4.6",
+    # jax needs ml_dtypes>=0.5. 0.7.0 takes 0.8 s to import with numpy 2.4 (it adds its ufunc
+    # loops one by one, each a linear search), in every process that imports jax; 0.6.0: 6 ms.
+    "ml_dtypes==0.6.0",
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
     "matplotlib==3.11.2",

@@ -219,7 +219,7 @@ def _train_losses(backend: str, steps: int = 3) -> list[float]:
            "positions": np.tile(np.arange(11, dtype=np.int32), (2, 1)),
            "segment_ids": np.ones((2, 11), np.int32), "loss_mask": np.ones((2, 11), np.float32)}
   batch = jax.tree.map(jnp.asarray, batch)
-  return [float(step.train_step(model, optimizer, batch, jax.random.key(i))["loss"])
+  return [float(step.train_step(model, optimizer, batch, jax.random.key(i), 1e-2)["loss"])
           for i in range(steps)]
 
 

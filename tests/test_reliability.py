@@ -201,6 +201,8 @@ def _truncate_largest(step_dir):
     f.truncate(os.path.getsize(big) // 2)
 
 
+# orbax drops its pending reads of the truncated file when the restore fails: harmless
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_step_falls_back_then_fails_in_one_line(tmp_path, caplog):
   work = str(tmp_path / "run")
   c = _config(**{"upcycle.method": "none"})  # the restore path is the model's, MoE or not

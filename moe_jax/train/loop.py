@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import signal
@@ -140,14 +139,9 @@ def _in_mesh(mesh):
   return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
-# One optax transformation per config: it is static in the optimizer's graph, so a second
-# train() in the same process (a notebook, a resume) hits train_step's compile cache.
-_make_tx = functools.lru_cache(maxsize=8)(optim.make_tx)
-
-
 def make_optimizer(model, opt: optim.OptimConfig, mesh=None) -> nnx.Optimizer:
   """AdamW state for `model`'s params, created sharded like the params over `mesh`."""
-  tx = _make_tx(opt)
+  tx = optim.make_tx(opt)  # one object per update rule: train_step compiles once for it
   if mesh is None:
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
   return sharding.init_sharded(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param), mesh, model)
@@ -209,7 +203,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   flops_per_token = flops.train_flops_per_token(model.cfg, loop.seq_len)
   peak = flops.peak_flops_per_device()
   key = jax.random.key(loop.seed)
-  lr_at = jax.jit(optim.schedule(opt))  # one small program, not one per schedule op
+  lr_at = jax.jit(optim.schedule(opt))  # the step's LR argument, one small program
   bar = _progress(loop.steps, start) if jax.process_index() == 0 else None
   last: dict[str, float] = {}
   t_last, tokens_since = time.time(), 0.0
@@ -218,10 +212,11 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
       batch = pipeline.to_batch(next(data_iter))
       if step == loop.inject_nan_at_step:
         batch["loss_mask"] = batch["loss_mask"] * np.float32("nan")
+      lr = lr_at(step)
       with _in_mesh(mesh):
         m = step_lib.train_step(model, optimizer,
                                 _batch_to_device(batch, mesh, loop.batch_size),
-                                jax.random.fold_in(key, step))
+                                jax.random.fold_in(key, step), lr)
       loss = float(m["loss"])
       bad = _non_finite(loss, float(m["grad_norm"]), bool(m["params_finite"]))
       if bad:
@@ -237,7 +232,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
         tps = tokens_since / dt
         last = {"loss": loss, "ce": float(m["ce"]), "aux_loss": float(m["aux_loss"]),
                 "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
-                "lr": float(lr_at(step)), "tokens_per_s": tps}
+                "lr": float(lr), "tokens_per_s": tps}
         if peak:
           last["mfu"] = tps * flops_per_token / (peak * jax.device_count())
         last.update(metrics_lib.router_summary(jax.device_get(m["moe"])))

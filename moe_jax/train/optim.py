@@ -1,11 +1,17 @@
 """Optimiser: AdamW with warmup + cosine or warmup-stable-decay, clipping, a decay mask
-(no decay on norms and biases) and an optional learning-rate multiplier for routers."""
+(no decay on norms and biases) and an optional learning-rate multiplier for routers.
+
+The learning rate is an argument of the update (`tx.update(..., lr=...)`), computed on the
+host from `schedule(c)`, not a constant in the step's program: one compiled train step
+serves every LR, warmup and schedule length (an LR sweep, a resume at a new LR)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import optax
 
 NO_DECAY = {"attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk", "bv",
@@ -96,12 +102,37 @@ def schedule(c: OptimConfig) -> optax.Schedule:
   return SCHEDULES[c.schedule](c)
 
 
-def make_tx(c: OptimConfig) -> optax.GradientTransformation:
-  parts = []
-  if c.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(c.clip_norm))
-  parts.append(optax.adamw(schedule(c), c.b1, c.b2, c.eps, weight_decay=c.weight_decay,
-                           mask=_mask(NO_DECAY, include=False)))
-  if c.router_lr_mult != 1.0:
-    parts.append(optax.masked(optax.scale(c.router_lr_mult), _mask(ROUTER, include=True)))
+def scale_by_lr_arg() -> optax.GradientTransformationExtraArgs:
+  """updates * -lr, with `lr` given to update(): optax's scale_by_learning_rate for a
+  schedule (same state, a step count; same product), but with the value passed in."""
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None, *, lr=None, **extra):
+    del params, extra
+    if lr is None:
+      raise TypeError("this optimizer takes the learning rate at each update: tx.update(..., lr=)")
+    updates = jax.tree.map(lambda g: jnp.asarray(-lr, g.dtype) * g, updates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_tx(c: OptimConfig) -> optax.GradientTransformationExtraArgs:
+  """The update rule of `c`, without its learning rate (see the module docstring). Configs
+  that differ only in LR or schedule get the same object, so a jitted step that holds it
+  as static state is traced and compiled once for all of them."""
+  return _tx(c.clip_norm, c.b1, c.b2, c.eps, c.weight_decay, c.router_lr_mult)
+
+
+@functools.lru_cache(maxsize=16)
+def _tx(clip_norm, b1, b2, eps, weight_decay, router_lr_mult):
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+  parts.append(optax.chain(  # optax.adamw's three parts, the LR scale taking its value
+      optax.scale_by_adam(b1, b2, eps),
+      optax.add_decayed_weights(weight_decay, _mask(NO_DECAY, include=False)),
+      scale_by_lr_arg()))
+  if router_lr_mult != 1.0:
+    parts.append(optax.masked(optax.scale(router_lr_mult), _mask(ROUTER, include=True)))
   return optax.chain(*parts)

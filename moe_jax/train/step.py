@@ -45,11 +45,12 @@ def all_finite(tree) -> jax.Array:
 
 
 @nnx.jit(donate_argnums=(0, 1))
-def train_step(model, optimizer: nnx.Optimizer, batch: dict, rng: jax.Array):
-  """One optimiser step; returns scalar metrics and per-layer router statistics."""
+def train_step(model, optimizer: nnx.Optimizer, batch: dict, rng: jax.Array, lr: jax.Array):
+  """One optimiser step at learning rate `lr` (a scalar: one program serves any schedule);
+  returns scalar metrics and per-layer router statistics."""
   grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch, train=True, key=rng), has_aux=True)
   (loss, metrics), grads = grad_fn(model)
-  optimizer.update(model, grads)
+  optimizer.update(model, grads, lr=lr)
   update_router_biases(model, metrics["moe"])
   metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
                  params_finite=all_finite(nnx.state(model, nnx.Param)))
