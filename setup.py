@@ -25,6 +25,8 @@ EXTRAS = {
     "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15", "chex==0.1.92"],
     # torch==2.13.0 is served as a CPU wheel from local disk here; unpinned it pulls CUDA.
     "hf": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0"],
+    # lm-evaluation-harness (moe_jax.harness) and Hugging Face datasets input (data.source).
+    "eval": ["lm-eval==0.4.13", "datasets==5.2.0"],
 }
 
 setup(
@@ -35,4 +37,5 @@ setup(
     packages=find_packages(include=["moe_jax*", "pallas_kernels*", "experiments*", "configs*"]),
     install_requires=CORE,
     extras_require=EXTRAS,
+    package_data={"moe_jax": ["harness_tasks/*/*.yaml", "harness_tasks/*/*.jsonl"]},
 )

@@ -7,6 +7,9 @@ Arguments: `runlocal` (a few windows only). Examples:
   --config.moe.backend=dropless   (evaluate a capacity-trained MoE without drops)
   --config.eval_file=notes.txt   ('' = the embedded pydoc text)
   --config.prompt="def fibonacci(n):"
+  --config.tasks=pydoc_next,my_task.yaml   (lm-evaluation-harness tasks, `eval` extra:
+                      harness names, moe_jax's bundled ones, or YAML paths; results in
+                      workdir/lm_eval.json)
 """
 import ml_collections
 
@@ -24,8 +27,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.prompt = ""              # non-empty: also print a greedy completion
   c.max_new_tokens = 32
+  c.tasks = ""               # comma-separated harness tasks; '' = perplexity only
+  c.task_limit = 0           # 0 = every doc of each task
+  c.num_fewshot = -1         # -1 = each task's default
   # MoE dispatch at evaluation: '' / 0 keep the checkpoint's (moe_jax.runs.eval_overrides).
   c.moe = ml_collections.ConfigDict(dict(backend="", capacity_factor=0.0))
   if a.runlocal:
     c.max_windows = 8
+    c.task_limit = 40
   return c

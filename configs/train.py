@@ -41,6 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # batch splits over data*fsdp*expert; expert > 1 makes the MoE dispatch expert-parallel
   # (all_to_all over `expert`). Pod slice shapes: README "TPU pods", moe_jax/launch.py.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
+  # data.source: stdlib (the embedded text) | a local .jsonl/.txt | hf:json:FILES,
+  # hf:parquet:FILES, hf:text:FILES, hf:csv:FILES (read through `datasets`, FILES may be a
+  # glob) | hf:<hub name>. `field` names the text column; the first 5% is held out for eval
+  # unless the dataset has a validation or test split.
   c.data = ml_collections.ConfigDict(dict(source="stdlib", field="text", max_docs=0))
   c.loop = ml_collections.ConfigDict(dict(
       steps=a.steps, batch_size=8, seq_len=512, seed=0, log_every=10, eval_every=50,

@@ -157,14 +157,23 @@ def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int 
                   stop: Sequence[str] = (), **kw) -> list[str]:
   """Completions of text prompts, each cut before the first of the `stop` strings (the
   stop string itself excluded) and at EOS; generation of a row ends once it has one."""
-  def cut(text: str) -> tuple[str, bool]:
-    hits = [text.index(s) for s in stop if s in text]
-    return (text[:min(hits)], True) if hits else (text, False)
+  return complete(model, tokenizer, [tokenizer.encode(p) for p in prompts], max_new_tokens,
+                  stop=stop, **kw)
 
-  ids = [tokenizer.encode(p) for p in prompts]
-  stop_fn = (lambda i, row: cut(tokenizer.decode(row))[1]) if stop else None
-  rows = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, stop_fn=stop_fn, **kw)
-  return [cut(tokenizer.decode(r))[0] for r in rows]
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+  """`text` up to the first of the `stop` strings, and whether one was there."""
+  hits = [text.index(s) for s in stop if s and s in text]
+  return (text[:min(hits)], True) if hits else (text, False)
+
+
+def complete(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
+             *, stop: Sequence[str] = (), **kw) -> list[str]:
+  """generate_text for prompts already tokenized (an evaluation harness's own encoding)."""
+  stop_fn = (lambda i, row: cut_at_stop(tokenizer.decode(row), stop)[1]) if stop else None
+  rows = generate(model, prompt_ids, max_new_tokens, eos_id=tokenizer.eos_id, stop_fn=stop_fn,
+                  **kw)
+  return [cut_at_stop(tokenizer.decode(r), stop)[0] for r in rows]
 
 
 @nnx.jit

@@ -47,10 +47,15 @@ def eval_overrides(cfg, moe: dict) -> dict:
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Perplexity (and optional completion) of `config.checkpoint`; writes workdir/eval.json."""
+  """Perplexity (and optional completion, and harness tasks) of `config.checkpoint`;
+  writes workdir/eval.json (and workdir/lm_eval.json for tasks)."""
   text, text_name = eval_text(config.eval_file)
   if config.batch_size < 1:
     raise ValueError(f"config.batch_size={config.batch_size}: expected a positive integer")
+  tasks = [t.strip() for t in config.get("tasks", "").split(",") if t.strip()]
+  if tasks:
+    from moe_jax import harness  # pylint: disable=g-import-not-at-top  (the `eval` extra)
+    harness.task_manager(tasks)  # unknown names and bad files fail before any compute
   src = load.open_source(config.checkpoint)
   check_seq_len(config.seq_len, src.cfg.max_seq_len)
   tok = src.tokenizer()
@@ -68,17 +73,40 @@ def evaluate(config, workdir: str) -> dict:
                               eos_id=tok.eos_id)[0]
     result["completion"] = tok.decode(ids)
     print(f"prompt: {config.prompt!r}\ncompletion: {result['completion']!r}")
+  harness_out = _harness_tasks(config, tasks, src, model, tok) if tasks else None
   created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   try:
+    if harness_out is not None:
+      checkpoint.write_json_atomic(os.path.join(workdir, "lm_eval.json"), harness_out)
     checkpoint.write_json_atomic(os.path.join(workdir, "eval.json"), result)
   except BaseException:
-    if created:  # leave nothing behind: the workdir was made for this file
+    if created:  # leave nothing behind: the workdir was made for these files
       with contextlib.suppress(OSError):
+        for name in ("lm_eval.json", "eval.json"):
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(workdir, name))
         os.rmdir(workdir)
     raise
   print(f"eval_loss={result['eval_loss']:.6f} ppl={result['ppl']:.4f} tokens={result['tokens']}")
+  if harness_out is not None:
+    result["tasks"] = harness_out["results"]
+    for name, metrics in harness_out["results"].items():
+      print(f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                   if isinstance(v, float)))
   return result
+
+
+def _harness_tasks(config, tasks: list[str], src: load.Source, model, tok) -> dict:
+  """The harness's results for `tasks` (dropless for a capacity MoE unless config.moe says)."""
+  from moe_jax import harness  # pylint: disable=g-import-not-at-top
+  if model.cfg.moe is not None and model.cfg.moe.backend == "capacity" and not config.moe.backend:
+    model = harness.evaluation_model(src, config.dtype)
+  lm = harness.MoeJaxLM(model=model, tokenizer=tok, batch_size=config.batch_size)
+  out = harness.evaluate_tasks(lm, tasks, limit=config.task_limit or None,
+                               num_fewshot=None if config.num_fewshot < 0 else config.num_fewshot)
+  keep = ("results", "versions", "n-shot", "n-samples", "config")
+  return {k: out[k] for k in keep if k in out}
 
 
 def analyze(config, workdir: str) -> dict:
@@ -199,9 +227,7 @@ def data_texts(config) -> tuple[list[str], list[str]]:
   elif src.startswith("hf:"):
     train_docs, eval_docs = corpus.hf_documents(src[3:], config.data.field)
   else:
-    docs = corpus.read_documents(src, config.data.field)
-    cut = max(1, len(docs) // 20)
-    train_docs, eval_docs = docs[cut:] or docs, docs[:cut]
+    train_docs, eval_docs = corpus.held_out(corpus.read_documents(src, config.data.field))
   if config.data.max_docs:
     train_docs = train_docs[: config.data.max_docs]
   return train_docs, eval_docs

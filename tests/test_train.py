@@ -13,6 +13,7 @@ import subproc
 
 from configs import train as train_config
 from moe_jax import runs, sweep
+from moe_jax.data import corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--config=configs/train.py:scratch,runlocal,lr=0.003", "--config.data.max_docs=20",
@@ -53,18 +54,32 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=300):
     time.sleep(0.2)
 
 
+def _parquet(path, docs):
+  """`docs` as a parquet file's `text` column (what `datasets` reads)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  pq.write_table(pa.table({"text": docs, "n": list(range(len(docs)))}), str(path))
+  return str(path)
+
+
 def test_resume_after_sigkill_is_exact(tmp_path):
-  steps = "--config.loop.steps=8"
+  """On a local parquet file read through `datasets` (the embedded text goes through the
+  same packing and grain iterator state after it is read)."""
+  pytest.importorskip("datasets")
+  data = _parquet(tmp_path / "docs.parquet", corpus.stdlib_documents("train")[:40])
+  steps = ("--config.loop.steps=8", f"--config.data.source=hf:parquet:{data}")
   ref = tmp_path / "ref"
-  subprocess.run(_cmd(ref, steps), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+  subprocess.run(_cmd(ref, *steps), cwd=ROOT, env=ENV, check=True, capture_output=True,
+                 timeout=600)
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(killed, steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+  proc = subprocess.Popen(_cmd(killed, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   _wait_for_checkpoint(proc, killed, 4)
   proc.kill()
   proc.wait()
   assert max(_steps(killed)) < 8
-  subprocess.run(_cmd(killed, steps), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+  subprocess.run(_cmd(killed, *steps), cwd=ROOT, env=ENV, check=True, capture_output=True,
+                 timeout=600)
   want, got = _losses(ref), _losses(killed)
   assert sorted(want) == sorted(got) == list(range(1, 9))
   assert got == want  # float32 on CPU: bitwise the same losses
@@ -130,6 +145,32 @@ def test_bad_config_fails_before_compute(tmp_path, key, value, msg):
     runs.train(config, str(tmp_path / "run"))
   assert msg in str(e.value) and "\n" not in str(e.value)
   assert not (tmp_path / "run").exists()
+
+
+def test_datasets_sources_split_and_bad_files_are_one_line(tmp_path):
+  """hf:json / hf:text read through `datasets` (first 5% held out, as for local files);
+  a file without the configured field, a missing file or one that does not parse: one
+  line, nothing written."""
+  pytest.importorskip("datasets")
+  docs = [f"document {i} " * 5 for i in range(40)]
+  jsonl = tmp_path / "docs.jsonl"
+  jsonl.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+  assert corpus.hf_documents(f"json:{jsonl}", "body") == (docs[2:], docs[:2])
+  assert corpus.hf_documents(f"parquet:{_parquet(tmp_path / 'p.parquet', docs)}") == \
+      (docs[2:], docs[:2])
+  (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n{not json\n')
+  for source, field, msg in (
+      (f"hf:json:{jsonl}", "text", f"data.source=hf:json:{jsonl}: no column 'text' "
+                                   "(config.data.field); columns: ['body']"),
+      (f"hf:json:{tmp_path}/none.jsonl", "text", "none.jsonl: file not found"),
+      (f"hf:json:{tmp_path}/bad.jsonl", "body", f"data.source=hf:json:{tmp_path}/bad.jsonl: ")):
+    config = sweep.apply(train_config.get_config("scratch,runlocal"),
+                         {"data.source": source, "data.field": field})
+    config.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+      runs.train(config, str(tmp_path / "run"))
+    assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_key_is_refused(tmp_path):

@@ -86,14 +86,51 @@ def read_documents(path: str, field: str = "text") -> list[str]:
   return [read_text_file(path)]
 
 
-def hf_documents(name: str, field: str = "text") -> tuple[list[str], list[str]]:
-  """(train, validation) texts of a Hugging Face dataset the user has locally."""
+LOCAL_BUILDERS = ("json", "parquet", "text", "csv")
+
+
+def held_out(docs: list[str], percent: int = 5) -> tuple[list[str], list[str]]:
+  """(train, eval): the first `percent`% of the documents (at least one) are never trained
+  on. A single document is both."""
+  cut = max(1, len(docs) * percent // 100)
+  return docs[cut:] or docs, docs[:cut]
+
+
+def hf_documents(spec: str, field: str = "text") -> tuple[list[str], list[str]]:
+  """(train, eval) texts read through Hugging Face `datasets`. `spec` is BUILDER:FILES for a
+  local file or glob (load_dataset(BUILDER, data_files=FILES), BUILDER one of
+  LOCAL_BUILDERS; `text` gives one document per line) or a hub dataset name. Eval is the
+  validation (or test) split, else the held-out first 5% of train."""
   try:
     import datasets  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ValueError(f"data.source=hf:{name}: the `datasets` package is not installed") from None
-  ds = datasets.load_dataset(name)
+    raise ValueError(f"data.source=hf:{spec}: the `datasets` package is not installed "
+                     "(pip install moe_jax[eval])") from None
+  builder, _, files = spec.partition(":")
+  where = f"data.source=hf:{spec}"
+  try:
+    if builder in LOCAL_BUILDERS and files:
+      if not any(os.path.exists(f) for f in _expand(files)):
+        raise FileNotFoundError(f"{files}: file not found")
+      datasets.disable_progress_bars()
+      ds = datasets.load_dataset(builder, data_files=files)
+    else:
+      ds = datasets.load_dataset(spec)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{where}: {str(e).splitlines()[0]}") from None
+  except Exception as e:  # the datasets builders' own errors (parse, network), many classes
+    lines = str(e).strip().splitlines()
+    raise ValueError(f"{where}: {type(e).__name__}: {lines[0] if lines else ''}") from None
+  columns = ds["train"].column_names
+  if field not in columns:
+    raise ValueError(f"{where}: no column {field!r} (config.data.field); columns: {columns}")
+  train = ds["train"][field]
+  if not all(isinstance(t, str) for t in train):
+    raise ValueError(f"{where}: column {field!r} holds non-text values")
   split = "validation" if "validation" in ds else "test" if "test" in ds else None
-  train = [r[field] for r in ds["train"]]
-  evals = [r[field] for r in ds[split]] if split else train[: max(1, len(train) // 20)]
-  return train, evals
+  return (train, ds[split][field]) if split else held_out(train)
+
+
+def _expand(files: str) -> list[str]:
+  import glob  # pylint: disable=g-import-not-at-top
+  return glob.glob(files) or [files]

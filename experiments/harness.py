@@ -1,0 +1,12 @@
+"""lm-evaluation-harness's command line with the `moe_jax` model and bundled tasks:
+
+  python -m experiments.harness --model moe_jax --model_args checkpoint=PATH \
+      --batch_size 8 --tasks pydoc_next [--limit N] [--output_path DIR]
+
+Every flag is the harness's (`lm_eval --help`); PATH is anything moe_jax reads ('' = the
+embedded SmolLM2). Needs the `eval` extra. See moe_jax/harness.py.
+"""
+from moe_jax import harness
+
+if __name__ == "__main__":
+  harness.main()
