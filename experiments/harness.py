@@ -4,9 +4,11 @@
       --batch_size 8 --tasks pydoc_next [--limit N] [--output_path DIR]
 
 Every flag is the harness's (`lm_eval --help`); PATH is anything moe_jax reads ('' = the
-embedded SmolLM2). Needs the `eval` extra. See moe_jax/harness.py.
+embedded SmolLM2). Needs the `eval` extra. See moe_jax/harness.py. A bad checkpoint or
+model argument is one line on stderr and exit status 1 (experiments/cli.py).
 """
+from experiments import cli
 from moe_jax import harness
 
 if __name__ == "__main__":
-  harness.main()
+  cli.main_guard(harness.main)

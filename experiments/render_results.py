@@ -30,7 +30,20 @@ def generate_smollm2(r: dict) -> str:
                     f"median of {r['repeats']} after the warm-ups compile)", "", *rows])
 
 
-RENDERERS = {"generate_smollm2": generate_smollm2}
+def harness_smollm2(r: dict) -> str:
+  rows = ["| model | acc (harness CLI) | acc_norm (CLI) | acc (experiments.evaluate) | "
+          "acc_norm (evaluate) |", "|---|---|---|---|---|"]
+  for name, m in r["models"].items():
+    rows.append(f"| {name} | {m['cli_acc']:.4f} | {m['cli_acc_norm']:.4f} | "
+                f"{m['evaluate_acc']:.4f} | {m['evaluate_acc_norm']:.4f} |")
+  return "\n".join([
+      f"`{r['command']}` ({r['machine']}, {r['device']}, jax {r['jax']}, {r['date']}; "
+      f"task {r['task']}, {r['docs']} docs, {r['requests']} loglikelihood requests)", "", *rows,
+      "", f"Accuracies equal: {'yes' if r['accuracies_equal'] else 'NO'}; largest per-request "
+      f"log-likelihood difference, dense vs upcycled: {r['max_abs_loglik_diff_dense_vs_upcycled']:.2e}."])
+
+
+RENDERERS = {"generate_smollm2": generate_smollm2, "harness_smollm2": harness_smollm2}
 
 
 def main() -> int:

@@ -150,6 +150,7 @@ def _shard_body(x_TxD, logits_TxE, bias_E, w_gate, w_up, w_down, *, cfg, n_ep, b
       "aux_loss": cfg.aux_loss_coeff * aux,
       "z_loss": cfg.z_loss_coeff * mean(losses.z_loss(logits_TxE)),
       "load_E": load_E,
+      "probs_E": p_E,
       "dropped_fraction": mean(jnp.asarray(dropped, jnp.float32)),
       "router_entropy": mean(losses.entropy(routing.probs_TxE)),
   }
@@ -169,7 +170,7 @@ def moe_forward_ep(x_TxD, logits_TxE, w_gate, w_up, w_down, cfg, *, bias_E=None,
   body = functools.partial(_shard_body, cfg=cfg, n_ep=n_ep, batch_axes=batch_axes,
                            dtype=dtype, has_bias=has_bias)
   tok, exp = P(batch_axes, None), P(EXPERT_AXIS, None, None)
-  stat_specs = dict.fromkeys(("aux_loss", "z_loss", "load_E", "dropped_fraction",
+  stat_specs = dict.fromkeys(("aux_loss", "z_loss", "load_E", "probs_E", "dropped_fraction",
                               "router_entropy"), P())
   fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, P(), exp, exp, exp),
                      out_specs=(tok, stat_specs), check_vma=False)

@@ -72,6 +72,7 @@ def moe_forward(x_TxD, router_DxE, w_gate, w_up, w_down, cfg: MoeConfig, *,
                                                        cfg.num_experts),
       "z_loss": cfg.z_loss_coeff * losses.z_loss(logits_TxE),
       "load_E": losses.expert_load(routing.experts_TxK, cfg.num_experts),
+      "probs_E": routing.probs_TxE.astype(jnp.float32).mean(axis=0),  # P_i, differentiable
       "dropped_fraction": jnp.asarray(dropped, jnp.float32),
       "router_entropy": losses.entropy(routing.probs_TxE),
   }
@@ -101,7 +102,8 @@ class MoeBlock(nnx.Module):
 
   def __call__(self, x_BxLxD, *, train: bool = False, key: jax.Array | None = None):
     """(y_BxLxD, stats): stats hold aux_loss and z_loss (with coefficients), load_E,
-    dropped_fraction and router_entropy, all float32. Under a capture it also records its
+    probs_E (the mean router probabilities), dropped_fraction and router_entropy, all
+    float32. Under a capture it also records its
     routing (`_sow_routing`); otherwise nothing extra is traced."""
     b, length, d = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(b * length, d)

@@ -39,15 +39,19 @@ class LoopConfig:
   eval_batches: int = 4           # 0 = no evaluation
   ckpt_every: int = 50
   keep: int = 2
+  grad_accum: int = 1            # microbatches per step (step.grad_accumulate): same update
   inject_nan_at_step: int = -1   # testing hook: poison that step's loss mask with NaN
 
   def __post_init__(self):
     minimum = {"steps": 1, "batch_size": 1, "seq_len": 2, "log_every": 1, "eval_every": 1,
-               "eval_batches": 0, "ckpt_every": 1, "keep": 1}
+               "eval_batches": 0, "ckpt_every": 1, "keep": 1, "grad_accum": 1}
     for key, low in minimum.items():
       value = getattr(self, key)
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"config.loop.{key}={value!r}: expected an integer >= {low}")
+    if self.batch_size % self.grad_accum:
+      raise ValueError(f"config.loop.grad_accum={self.grad_accum} does not divide "
+                       f"config.loop.batch_size={self.batch_size}")
 
 
 class Preempted:
@@ -182,7 +186,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   if mesh is None and jax.process_count() > 1:
     raise ValueError(f"{jax.process_count()} processes: training needs a mesh over all devices")
   if mesh is not None:
-    sharding.check_batch(loop.batch_size, mesh)
+    sharding.check_batch(loop.batch_size // loop.grad_accum, mesh)  # a microbatch's rows
     nnx.update(model, sharding.place_state(nnx.state(model), mesh))  # no-op if already there
   optimizer = make_optimizer(model, opt, mesh)
   shard, count = sharding.data_shard(mesh, loop.batch_size) if mesh is not None else (0, 1)
@@ -216,7 +220,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
       with _in_mesh(mesh):
         m = step_lib.train_step(model, optimizer,
                                 _batch_to_device(batch, mesh, loop.batch_size),
-                                jax.random.fold_in(key, step), lr)
+                                jax.random.fold_in(key, step), lr, accum=loop.grad_accum)
       loss = float(m["loss"])
       bad = _non_finite(loss, float(m["grad_norm"]), bool(m["params_finite"]))
       if bad:

@@ -44,17 +44,87 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-@nnx.jit(donate_argnums=(0, 1))
-def train_step(model, optimizer: nnx.Optimizer, batch: dict, rng: jax.Array, lr: jax.Array):
+@nnx.jit(donate_argnums=(0, 1), static_argnames=("accum",))
+def train_step(model, optimizer: nnx.Optimizer, batch: dict, rng: jax.Array, lr: jax.Array,
+               accum: int = 1):
   """One optimiser step at learning rate `lr` (a scalar: one program serves any schedule);
-  returns scalar metrics and per-layer router statistics."""
-  grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch, train=True, key=rng), has_aux=True)
-  (loss, metrics), grads = grad_fn(model)
+  returns scalar metrics and per-layer router statistics. `accum` > 1 splits the batch
+  into that many microbatches (grad_accumulate) for the same update."""
+  if accum > 1:
+    (loss, metrics), grads = grad_accumulate(model, batch, rng, accum)
+  else:
+    grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch, train=True, key=rng), has_aux=True)
+    (loss, metrics), grads = grad_fn(model)
   optimizer.update(model, grads, lr=lr)
   update_router_biases(model, metrics["moe"])
   metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
                  params_finite=all_finite(nnx.state(model, nnx.Param)))
   return _replicated(metrics)
+
+
+def microbatches(batch: dict, k: int) -> dict:
+  """[B, ...] -> [k, B/k, ...], microbatch j holding rows j, j+k, j+2k, ...: each device's
+  block of rows (the batch is sharded over its rows) splits evenly among the microbatches."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                      batch)
+
+
+def _global_aux(model, moe: dict, load_E: dict) -> jax.Array:
+  """Sum over MoE layers of coeff * E * sum_i f_i P_i, f (no gradient) given."""
+  total = jnp.float32(0)
+  for i, s in moe.items():
+    cfg = model.layers[i].mlp.cfg
+    total += cfg.aux_loss_coeff * cfg.num_experts * jnp.sum(
+        jax.lax.stop_gradient(load_E[i]) * s["probs_E"])
+  return total
+
+
+def grad_accumulate(model, batch: dict, rng: jax.Array, k: int):
+  """((loss, metrics), grads) of the whole batch from `k` microbatches, one at a time
+  (lax.scan): the same update as one step on the batch (dropless dispatch, no router
+  jitter). The load-balancing loss is the global batch's (Megatron's global aux loss):
+  E * sum_i f_i P_i with f the expert load over all k microbatches, from a first
+  forward pass, and P the mean router probability over all of them, so that each
+  microbatch's share of the gradient is E * f_i * dP_i^j / k. Averaging each microbatch's
+  own aux loss (its own f) would optimise a different objective. z-loss and
+  cross-entropy are means over all tokens, split exactly. Costs one extra forward."""
+  micro = microbatches(batch, k)
+  keys = jax.random.split(rng, k)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+
+  def forward(p, mb, key):
+    m = nnx.merge(graphdef, p, rest)
+    return m(mb["tokens"], mb["positions"], mb["segment_ids"], train=True, key=key)
+
+  loads = jax.lax.map(lambda a: {i: s["load_E"] for i, s in forward(params, *a)[1]["moe"].items()},
+                      (micro, keys))
+  load_E = jax.tree.map(lambda x: x.mean(axis=0), loads)
+
+  def micro_loss(p, mb, key):
+    logits, aux = forward(p, mb, key)
+    ce = (token_nll(logits, mb["targets"]) * mb["loss_mask"]).sum() / tokens
+    moe = aux["moe"]
+    aux_loss = _global_aux(model, moe, load_E) / k
+    z = sum((s["z_loss"] for s in moe.values()), jnp.float32(0)) / k
+    return ce + aux_loss + z, (ce, aux_loss, z, moe, aux["moa"])
+
+  def body(acc, a):
+    (loss, out), g = jax.value_and_grad(micro_loss, has_aux=True)(params, *a)
+    return jax.tree.map(jnp.add, acc, g), (loss, out)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, (losses, (ce, aux_loss, z, moe, moa)) = jax.lax.scan(body, zeros, (micro, keys))
+  mean = lambda tree: jax.tree.map(lambda x: x.mean(axis=0), tree)
+  moe, moa = mean(moe), mean(moa)
+  for i in moe:  # the global batch's statistics (aux at the global load and probs)
+    moe[i]["load_E"] = load_E[i]
+    cfg = model.layers[i].mlp.cfg
+    moe[i]["aux_loss"] = cfg.aux_loss_coeff * cfg.num_experts * jnp.sum(load_E[i] *
+                                                                        moe[i]["probs_E"])
+  metrics = {"ce": ce.sum(), "aux_loss": aux_loss.sum(), "z_loss": z.sum(),
+             "tokens": batch["loss_mask"].sum(), "moe": moe, "moa": moa}
+  return (losses.sum(), metrics), grads
 
 
 @nnx.jit
