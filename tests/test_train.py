@@ -64,10 +64,11 @@ def _parquet(path, docs):
 
 def test_resume_after_sigkill_is_exact(tmp_path):
   """On a local parquet file read through `datasets` (the embedded text goes through the
-  same packing and grain iterator state after it is read)."""
+  same packing and grain iterator state after it is read), with gradient accumulation."""
   pytest.importorskip("datasets")
   data = _parquet(tmp_path / "docs.parquet", corpus.stdlib_documents("train")[:40])
-  steps = ("--config.loop.steps=8", f"--config.data.source=hf:parquet:{data}")
+  steps = ("--config.loop.steps=8", f"--config.data.source=hf:parquet:{data}",
+           "--config.loop.grad_accum=2")
   ref = tmp_path / "ref"
   subprocess.run(_cmd(ref, *steps), cwd=ROOT, env=ENV, check=True, capture_output=True,
                  timeout=600)
