@@ -1,7 +1,7 @@
 """lm-evaluation-harness adapter: the `moe_jax` model of the harness's registry.
 
-    python -m experiments.harness --model moe_jax --model_args checkpoint=PATH,dtype=float32 \
-        --batch_size 8 --tasks pydoc_next
+    python -m experiments.harness --model moe_jax \
+        --model_args checkpoint=PATH,batch_size=8,dtype=float32 --tasks pydoc_next
 
 is the harness's own command line (`lm_eval ...`, every flag the same) with this model
 registered and moe_jax's bundled tasks (moe_jax/harness_tasks) on its include path
@@ -77,6 +77,18 @@ class MoeJaxLM(TemplateLM):
     if self.batch_size < 1 or self.max_length < 2:
       raise ValueError(f"model_args batch_size={batch_size}, max_length={max_length}: "
                        "expected a positive batch and at least 2 positions")
+
+  @classmethod
+  def create_from_arg_obj(cls, arg_dict, additional_config=None):
+    """`--model_args` win over the command line's own (--batch_size, default 1), so that
+    both `--model_args ...,batch_size=N` and `--batch_size N` work."""
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+    return cls(**{**extra, **arg_dict})
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string, additional_config=None):
+    return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string),
+                                   additional_config)
 
   @property
   def eot_token_id(self) -> int:

@@ -124,3 +124,12 @@ def test_bad_tasks_are_one_line_and_write_nothing(tmp_path, monkeypatch, tasks, 
     runs.evaluate(config, str(tmp_path / "eval"))
   assert msg in str(e.value) and "\n" not in str(e.value)
   assert not (tmp_path / "eval").exists()
+
+
+def test_model_args_as_the_command_line_passes_them(hf_dir):
+  """`--model_args checkpoint=...,batch_size=N` next to the command line's own
+  --batch_size (default 1): the model's argument wins."""
+  lm = harness.MoeJaxLM.create_from_arg_string(f"checkpoint={hf_dir},batch_size=3",
+                                               {"batch_size": 1, "max_batch_size": None,
+                                                "device": "cpu"})
+  assert lm.batch_size == 3 and lm.max_length == 128

@@ -339,6 +339,7 @@ MALFORMED = {  # case: (make the input, what the one line says)
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above
 def test_malformed_checkpoint_is_one_line_at_the_binary_boundary(case, tmp_path, capsys,
                                                                  monkeypatch):
   from experiments import cli  # pylint: disable=g-import-not-at-top
