@@ -145,7 +145,7 @@ def _shard_body(x_TxD, logits_TxE, bias_E, w_gate, w_up, w_down, *, cfg, n_ep, b
   mean = lambda v: jax.lax.pmean(v, batch_axes)
   load_E = mean(losses.expert_load(routing.experts_TxK, cfg.num_experts))
   p_E = mean(routing.probs_TxE.astype(jnp.float32).mean(axis=0))
-  aux = cfg.num_experts * jnp.sum(jax.lax.stop_gradient(load_E) * p_E)
+  aux = losses.balance_loss(load_E, p_E)
   stats = {
       "aux_loss": cfg.aux_loss_coeff * aux,
       "z_loss": cfg.z_loss_coeff * mean(losses.z_loss(logits_TxE)),

@@ -13,9 +13,14 @@ def expert_load(experts_TxK: jax.Array, num_experts: int) -> jax.Array:
 
 def aux_loss(probs_TxE: jax.Array, experts_TxK: jax.Array, num_experts: int) -> jax.Array:
   """Switch load-balancing loss E * sum_i f_i P_i; equals 1 at perfect balance."""
-  f_E = jax.lax.stop_gradient(expert_load(experts_TxK, num_experts))
-  p_E = probs_TxE.astype(jnp.float32).mean(axis=0)
-  return num_experts * jnp.sum(f_E * p_E)
+  return balance_loss(expert_load(experts_TxK, num_experts),
+                      probs_TxE.astype(jnp.float32).mean(axis=0))
+
+
+def balance_loss(load_E: jax.Array, probs_E: jax.Array) -> jax.Array:
+  """E * sum_i f_i P_i from the load f (no gradient) and the mean router probability P,
+  each over whatever set of tokens the caller means (a shard, a global batch)."""
+  return load_E.shape[0] * jnp.sum(jax.lax.stop_gradient(load_E) * probs_E)
 
 
 def z_loss(logits_TxE: jax.Array) -> jax.Array:

@@ -7,6 +7,7 @@ import optax
 from flax import nnx
 
 from moe_jax import sharding
+from moe_jax.moe import losses
 
 
 def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
@@ -69,14 +70,8 @@ def microbatches(batch: dict, k: int) -> dict:
                       batch)
 
 
-def _global_aux(model, moe: dict, load_E: dict) -> jax.Array:
-  """Sum over MoE layers of coeff * E * sum_i f_i P_i, f (no gradient) given."""
-  total = jnp.float32(0)
-  for i, s in moe.items():
-    cfg = model.layers[i].mlp.cfg
-    total += cfg.aux_loss_coeff * cfg.num_experts * jnp.sum(
-        jax.lax.stop_gradient(load_E[i]) * s["probs_E"])
-  return total
+def _layer_aux(model, i: int, load_E: jax.Array, probs_E: jax.Array) -> jax.Array:
+  return model.layers[i].mlp.cfg.aux_loss_coeff * losses.balance_loss(load_E, probs_E)
 
 
 def grad_accumulate(model, batch: dict, rng: jax.Array, k: int):
@@ -105,7 +100,8 @@ def grad_accumulate(model, batch: dict, rng: jax.Array, k: int):
     logits, aux = forward(p, mb, key)
     ce = (token_nll(logits, mb["targets"]) * mb["loss_mask"]).sum() / tokens
     moe = aux["moe"]
-    aux_loss = _global_aux(model, moe, load_E) / k
+    aux_loss = sum((_layer_aux(model, i, load_E[i], s["probs_E"]) for i, s in moe.items()),
+                   jnp.float32(0)) / k
     z = sum((s["z_loss"] for s in moe.values()), jnp.float32(0)) / k
     return ce + aux_loss + z, (ce, aux_loss, z, moe, aux["moa"])
 
@@ -119,9 +115,7 @@ def grad_accumulate(model, batch: dict, rng: jax.Array, k: int):
   moe, moa = mean(moe), mean(moa)
   for i in moe:  # the global batch's statistics (aux at the global load and probs)
     moe[i]["load_E"] = load_E[i]
-    cfg = model.layers[i].mlp.cfg
-    moe[i]["aux_loss"] = cfg.aux_loss_coeff * cfg.num_experts * jnp.sum(load_E[i] *
-                                                                        moe[i]["probs_E"])
+    moe[i]["aux_loss"] = _layer_aux(model, i, load_E[i], moe[i]["probs_E"])
   metrics = {"ce": ce.sum(), "aux_loss": aux_loss.sum(), "z_loss": z.sum(),
              "tokens": batch["loss_mask"].sum(), "moe": moe, "moa": moa}
   return (losses.sum(), metrics), grads
