@@ -59,6 +59,22 @@ def test_diverging_run_stops_before_saving_non_finite_params(tmp_path):
     assert all(np.all(np.isfinite(np.asarray(v.get_value()))) for _, v in params), step
 
 
+def test_metrics_are_read_only_at_log_and_checkpoint_steps(tmp_path, monkeypatch):
+  """No host sync per step: the loop reads a step's metrics only at log or checkpoint
+  steps (in one transfer for the steps since), yet a NaN still stops the run naming the
+  first bad step, and nothing after the last checked step is saved."""
+  reads = []
+  real = loop_lib.check_steps
+  monkeypatch.setattr(loop_lib, "check_steps",
+                      lambda pending: (reads.append([s for s, _ in pending]), real(pending))[1])
+  c = _config(**{"upcycle.method": "none"})
+  c.loop.update(steps=8, log_every=8, ckpt_every=4, keep=4, inject_nan_at_step=5)
+  with pytest.raises(FloatingPointError, match=r"^step 6: loss is nan; stopped.*checkpoint: 4 "):
+    runs.train(c, str(tmp_path / "run"))
+  assert reads == [[1, 2, 3, 4], [5, 6, 7, 8]]
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]
+
+
 def test_weight_decay_that_grows_the_params_is_refused(tmp_path):
   """lr=100 with weight decay 0.1 (AdamW multiplies the params by 1 - 10 every step) used
   to save finite but useless steps until the gradients overflowed at step 15."""

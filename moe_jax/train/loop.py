@@ -100,6 +100,20 @@ def _non_finite(loss: float, grad_norm: float, params_finite: bool) -> str:
   return "" if params_finite else "the updated params hold NaN or Inf"
 
 
+def check_steps(pending: list[tuple[int, dict]]) -> tuple[float, str]:
+  """(tokens trained in the `pending` (step, metrics) pairs, and '' or 'step N: what' for
+  the first non-finite step), read from the device in one transfer. The loop calls it only
+  at log and checkpoint steps, so the next steps are dispatched before a step's metrics
+  are read (no host sync per step), and nothing unchecked is ever saved."""
+  values = jax.device_get([(m["loss"], m["grad_norm"], m["params_finite"], m["tokens"])
+                           for _, m in pending])
+  for (step, _), (loss, grad_norm, finite, _) in zip(pending, values):
+    bad = _non_finite(float(loss), float(grad_norm), bool(finite))
+    if bad:
+      return 0.0, f"step {step}: {bad}"
+  return sum(float(v[3]) for v in values), ""
+
+
 def _one_line(e: BaseException) -> str:
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
@@ -211,6 +225,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   bar = _progress(loop.steps, start) if jax.process_index() == 0 else None
   last: dict[str, float] = {}
   t_last, tokens_since = time.time(), 0.0
+  pending: list[tuple[int, dict]] = []  # (step, metrics on the device) not yet checked
   with Preempted() as preempted:
     for step in range(start, loop.steps):
       batch = pipeline.to_batch(next(data_iter))
@@ -221,17 +236,23 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
         m = step_lib.train_step(model, optimizer,
                                 _batch_to_device(batch, mesh, loop.batch_size),
                                 jax.random.fold_in(key, step), lr, accum=loop.grad_accum)
-      loss = float(m["loss"])
-      bad = _non_finite(loss, float(m["grad_norm"]), bool(m["params_finite"]))
+      done = step + 1
+      pending.append((done, m))
+      log = done % loop.log_every == 0 or done == loop.steps
+      save = done % loop.ckpt_every == 0 or done == loop.steps or preempted.flag
+      if not (log or save or bar is not None):
+        continue  # metrics stay on the device; the next step is dispatched at once
+      tokens, bad = check_steps(pending)
+      pending = []
       if bad:
         mngr.wait_until_finished()
         writer.close()
         raise FloatingPointError(
-            f"step {step + 1}: {bad}; stopped, this step not saved. Last good checkpoint: "
+            f"{bad}; stopped, this step not saved. Last good checkpoint: "
             f"{mngr.latest_step() or 'none'} in {mngr.directory}")
-      tokens_since += float(m["tokens"])
-      done = step + 1
-      if done % loop.log_every == 0 or done == loop.steps:
+      tokens_since += tokens
+      loss = float(m["loss"])
+      if log:
         dt = max(time.time() - t_last, 1e-9)
         tps = tokens_since / dt
         last = {"loss": loss, "ce": float(m["ce"]), "aux_loss": float(m["aux_loss"]),
@@ -251,7 +272,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
       if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
-      if done % loop.ckpt_every == 0 or done == loop.steps or preempted.flag:
+      if save:
         _save(mngr, done, nnx.state((model, optimizer)), data_iter, meta,
               loop.batch_size * loop.seq_len, force=preempted.flag)
       if preempted.flag:
