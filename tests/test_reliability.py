@@ -217,8 +217,6 @@ def _truncate_largest(step_dir):
     f.truncate(os.path.getsize(big) // 2)
 
 
-# orbax drops its pending reads of the truncated file when the restore fails: harmless
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_step_falls_back_then_fails_in_one_line(tmp_path, caplog):
   work = str(tmp_path / "run")
   c = _config(**{"upcycle.method": "none"})  # the restore path is the model's, MoE or not
@@ -355,7 +353,6 @@ MALFORMED = {  # case: (make the input, what the one line says)
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above
 def test_malformed_checkpoint_is_one_line_at_the_binary_boundary(case, tmp_path, capsys,
                                                                  monkeypatch):
   from experiments import cli  # pylint: disable=g-import-not-at-top

@@ -272,7 +272,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
       if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
-      if save:
+      if save or preempted.flag:  # SIGTERM may come while logging; every step is checked here
         _save(mngr, done, nnx.state((model, optimizer)), data_iter, meta,
               loop.batch_size * loop.seq_len, force=preempted.flag)
       if preempted.flag:
