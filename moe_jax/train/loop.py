@@ -272,10 +272,11 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
       if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
-      if save or preempted.flag:  # SIGTERM may come while logging; every step is checked here
+      stop = preempted.flag  # read once: a SIGTERM after this line is seen next step
+      if save or stop:  # every step up to `done` has been checked by now
         _save(mngr, done, nnx.state((model, optimizer)), data_iter, meta,
-              loop.batch_size * loop.seq_len, force=preempted.flag)
-      if preempted.flag:
+              loop.batch_size * loop.seq_len, force=stop)
+      if stop:
         logging.warning("SIGTERM: saved step %d, exiting", done)
         break
   mngr.wait_until_finished()
