@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+from flax import nnx
 import pytest
 
 import subproc
@@ -188,3 +189,23 @@ def test_batch_not_divisible_by_devices(tmp_path):
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 1 and "config.loop.batch_size=6 is not divisible by the 8 devices" in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_bfloat16_compute_trains_like_float32(tmp_path):
+  """config.dtype=bfloat16: bf16 matmuls, float32 params, optimizer state and router
+  (moe_jax/moe/layer.py). After 20 steps of a 2-expert MoE from scratch, the training
+  loss is within 0.1% of float32's (1.8e-5 measured), and the saved params are float32."""
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    config = sweep.apply(train_config.get_config("scratch,runlocal,experts=2"),
+                         {"dtype": dtype, "data.max_docs": 20, "loop.steps": 20,
+                          "loop.batch_size": 2, "loop.seq_len": 32, "loop.eval_batches": 0,
+                          "loop.ckpt_every": 20, "loop.log_every": 20, "optim.lr": 3e-3})
+    config.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
+    losses[dtype] = runs.train(config, str(tmp_path / dtype))["loss"]
+  assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=1e-3)
+  assert losses["bfloat16"] != losses["float32"]  # bf16 did run
+  from moe_jax.convert import load  # pylint: disable=g-import-not-at-top
+  params = load.open_source(str(tmp_path / "bfloat16")).model()
+  assert {str(v.get_value().dtype) for _, v in nnx.to_flat_state(nnx.state(params, nnx.Param))} \
+      == {"float32"}
