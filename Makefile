@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 
 # pip byte-compiles one file at a time; compileall below does it on every core, skipping
 # what the project never imports (pip itself, setuptools, networkx, transformers' other
-# models, the harness's own task folders, scikit-learn, nltk, pandas' tests). Like pip, it ignores files this Python cannot compile (torch's py312 tests).
+# models, the harness's own task folders, scikit-learn, nltk, pandas' tests). Like pip,
+# it ignores files this Python cannot compile (torch's py312 tests).
 NO_COMPILE := (/pip/|/setuptools/|/networkx/|/lm_eval/tasks/[^/]+/|/sklearn/|/nltk/|/pandas/tests/|/transformers/models/(?!(auto|llama|mistral|mixtral|qwen2|qwen2_moe|qwen3|qwen3_moe)/|__init__\.py))
 
 $(STAMP): setup.py

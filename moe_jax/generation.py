@@ -111,8 +111,8 @@ def _left_pad(prompts: Sequence[Sequence[int]], width: int) -> tuple[np.ndarray,
   return tokens, real
 
 
-def _bucket(n: int, multiple: int = 16) -> int:
-  """Prompt widths rounded up, so prompts of nearby lengths share one compile."""
+def bucket(n: int, multiple: int = 16) -> int:
+  """`n` rounded up to a multiple: widths of nearby lengths share one compile."""
   return -(-n // multiple) * multiple
 
 
@@ -132,11 +132,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, 
     raise ValueError("key: sampling at temperature > 0 needs an explicit jax.random key")
   key = jax.random.key(0) if key is None else key
   chunk = chunk or (16 if stop_fn else max_new_tokens)
-  width = _bucket(max(len(p) for p in prompts))
+  width = bucket(max(len(p) for p in prompts))
   tokens, real = _left_pad(prompts, width)
   eos = jnp.int32(-1 if eos_id is None else eos_id)
   state = _prefill(model, jnp.asarray(tokens), jnp.asarray(real), key,
-                   slots=width + _bucket(max_new_tokens, chunk), sampling=sampling)
+                   slots=width + bucket(max_new_tokens, chunk), sampling=sampling)
   rows = [[] for _ in prompts]
   stopped = np.zeros(len(prompts), bool)
   while True:

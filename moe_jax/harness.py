@@ -33,6 +33,7 @@ from lm_eval.api.registry import register_model
 
 from moe_jax import generation, harness_tasks, runs
 from moe_jax.convert import load
+from moe_jax.train.step import token_nll
 
 _WIDTH_BUCKET = 32  # padded request widths are multiples of this: few compiles
 
@@ -42,16 +43,18 @@ def _score(model, tokens_BxL: jax.Array, targets_BxL: jax.Array):
   """log p(target) and whether the target is the argmax, at every position."""
   positions = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
   logits, _ = model(tokens_BxL, positions, jnp.ones_like(tokens_BxL), train=False)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  target_logp = jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
-  return target_logp, jnp.argmax(logits, axis=-1) == targets_BxL
+  return -token_nll(logits, targets_BxL), jnp.argmax(logits, axis=-1) == targets_BxL
+
+
+def needs_dropless(moe) -> bool:
+  """Whether an MoE config scores with capacity dispatch, where tokens of a batch (pads
+  included) compete for expert slots: scoring then switches to dropless."""
+  return moe is not None and moe.backend == "capacity"
 
 
 def evaluation_model(src: load.Source, dtype: str = "float32", backend: str = ""):
-  """`src`'s model for scoring: capacity dispatch becomes dropless unless `backend` says."""
-  moe = src.cfg.moe
-  if not backend and moe is not None and moe.backend == "capacity":
-    backend = "dropless"
+  """`src`'s model for scoring: `backend` if given, else dropless instead of capacity."""
+  backend = backend or ("dropless" if needs_dropless(src.cfg.moe) else "")
   return src.model(dtype=dtype, **runs.eval_overrides(src.cfg, {"backend": backend}))
 
 
@@ -122,8 +125,7 @@ class MoeJaxLM(TemplateLM):
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     for start in range(0, len(order), self.batch_size):
       batch = order[start:start + self.batch_size]
-      width = min(-(-(len(rows[batch[0]]) - 1) // _WIDTH_BUCKET) * _WIDTH_BUCKET,
-                  self.max_length)
+      width = min(generation.bucket(len(rows[batch[0]]) - 1, _WIDTH_BUCKET), self.max_length)
       tokens = np.zeros((self.batch_size, width), np.int32)
       targets = np.zeros((self.batch_size, width), np.int32)
       for r, i in enumerate(batch):
@@ -211,10 +213,11 @@ def _yaml_task_name(path: str) -> str:
 
 
 def evaluate_tasks(lm: MoeJaxLM, tasks: Sequence[str], limit: int | None = None,
-                   num_fewshot: int | None = None) -> dict:
-  """The harness's results dict ({"results": {task: {metric: value}}, ...}) for `tasks`."""
+                   num_fewshot: int | None = None, manager=None) -> dict:
+  """The harness's results dict ({"results": {task: {metric: value}}, ...}) for `tasks`;
+  `manager` is task_manager(tasks) when the caller has already built it."""
   from lm_eval import evaluator  # pylint: disable=g-import-not-at-top
-  tm, names = task_manager(tasks)
+  tm, names = manager or task_manager(tasks)
   return evaluator.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
                                    num_fewshot=num_fewshot, log_samples=False,
                                    bootstrap_iters=0, verbosity="WARNING")

@@ -53,9 +53,10 @@ def evaluate(config, workdir: str) -> dict:
   if config.batch_size < 1:
     raise ValueError(f"config.batch_size={config.batch_size}: expected a positive integer")
   tasks = [t.strip() for t in config.get("tasks", "").split(",") if t.strip()]
+  manager = None
   if tasks:
     from moe_jax import harness  # pylint: disable=g-import-not-at-top  (the `eval` extra)
-    harness.task_manager(tasks)  # unknown names and bad files fail before any compute
+    manager = harness.task_manager(tasks)  # unknown names, bad files: before any compute
   src = load.open_source(config.checkpoint)
   check_seq_len(config.seq_len, src.cfg.max_seq_len)
   tok = src.tokenizer()
@@ -73,7 +74,7 @@ def evaluate(config, workdir: str) -> dict:
                               eos_id=tok.eos_id)[0]
     result["completion"] = tok.decode(ids)
     print(f"prompt: {config.prompt!r}\ncompletion: {result['completion']!r}")
-  harness_out = _harness_tasks(config, tasks, src, model, tok) if tasks else None
+  harness_out = _harness_tasks(config, tasks, manager, src, model, tok) if tasks else None
   created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   try:
@@ -97,14 +98,15 @@ def evaluate(config, workdir: str) -> dict:
   return result
 
 
-def _harness_tasks(config, tasks: list[str], src: load.Source, model, tok) -> dict:
+def _harness_tasks(config, tasks: list[str], manager, src: load.Source, model, tok) -> dict:
   """The harness's results for `tasks` (dropless for a capacity MoE unless config.moe says)."""
   from moe_jax import harness  # pylint: disable=g-import-not-at-top
-  if model.cfg.moe is not None and model.cfg.moe.backend == "capacity" and not config.moe.backend:
+  if not config.moe.backend and harness.needs_dropless(model.cfg.moe):
     model = harness.evaluation_model(src, config.dtype)
   lm = harness.MoeJaxLM(model=model, tokenizer=tok, batch_size=config.batch_size)
   out = harness.evaluate_tasks(lm, tasks, limit=config.task_limit or None,
-                               num_fewshot=None if config.num_fewshot < 0 else config.num_fewshot)
+                               num_fewshot=None if config.num_fewshot < 0 else config.num_fewshot,
+                               manager=manager)
   keep = ("results", "versions", "n-shot", "n-samples", "config")
   return {k: out[k] for k in keep if k in out}
 

@@ -7,14 +7,14 @@ import numpy as np
 import pydoc_data.topics
 import pytest
 
+import lm_eval.tasks  # the `eval` extra, which `make` installs
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
 import hf_models
 
 from configs import evaluate as eval_config
 from moe_jax import harness, harness_tasks, runs, tokenizer as tokenizer_lib
-
-lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.api.instance import Instance  # pylint: disable=g-import-not-at-top
-from lm_eval.models.huggingface import HFLM  # pylint: disable=g-import-not-at-top
 
 MAX_LENGTH = 128  # the tiny model's positions: long requests are left-truncated
 
@@ -110,7 +110,6 @@ def test_evaluate_runs_tasks_and_writes_lm_eval_json(hf_dir, tmp_path):
     ("{missing}.yaml", "{missing}.yaml: task file not found"),
 ])
 def test_bad_tasks_are_one_line_and_write_nothing(tmp_path, monkeypatch, tasks, msg):
-  import lm_eval.tasks  # pylint: disable=g-import-not-at-top
   real = lm_eval.tasks.TaskManager  # its index of the harness's 14,000 tasks takes 16 s
   monkeypatch.setattr(lm_eval.tasks, "TaskManager",
                       lambda include_path, include_defaults=True: real(include_path=include_path,

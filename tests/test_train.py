@@ -66,7 +66,6 @@ def _parquet(path, docs):
 def test_resume_after_sigkill_is_exact(tmp_path):
   """On a local parquet file read through `datasets` (the embedded text goes through the
   same packing and grain iterator state after it is read), with gradient accumulation."""
-  pytest.importorskip("datasets")
   data = _parquet(tmp_path / "docs.parquet", corpus.stdlib_documents("train")[:40])
   steps = ("--config.loop.steps=8", f"--config.data.source=hf:parquet:{data}",
            "--config.loop.grad_accum=2")
@@ -153,7 +152,6 @@ def test_datasets_sources_split_and_bad_files_are_one_line(tmp_path):
   """hf:json / hf:text read through `datasets` (first 5% held out, as for local files);
   a file without the configured field, a missing file or one that does not parse: one
   line, nothing written."""
-  pytest.importorskip("datasets")
   docs = [f"document {i} " * 5 for i in range(40)]
   jsonl = tmp_path / "docs.jsonl"
   jsonl.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))

@@ -6,6 +6,7 @@ train/valid by a hash of each file's relative path.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -132,5 +133,4 @@ def hf_documents(spec: str, field: str = "text") -> tuple[list[str], list[str]]:
 
 
 def _expand(files: str) -> list[str]:
-  import glob  # pylint: disable=g-import-not-at-top
   return glob.glob(files) or [files]

@@ -133,8 +133,9 @@ def _routers(config, src: load.Source, tok, spec, layer_ids):
 
 
 # Keys a resume may change without saying so: how often the loop logs, evaluates and
-# saves, how far it runs, and the device layout (microbatching included: same update). Everything else that differs from the
-# saved run (model, init, data, optimizer) is refused unless named in config.resume_allow.
+# saves, how far it runs, and the device layout (microbatching included: the same update).
+# Everything else that differs from the saved run (model, init, data, optimizer) is
+# refused unless named in config.resume_allow.
 RESUME_FREE = ("loop.steps", "loop.log_every", "loop.eval_every", "loop.eval_batches",
                "loop.ckpt_every", "loop.keep", "loop.inject_nan_at_step", "loop.grad_accum",
                "mesh", "resume_allow")

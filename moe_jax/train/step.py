@@ -110,7 +110,7 @@ def grad_accumulate(model, batch: dict, rng: jax.Array, k: int):
     return jax.tree.map(jnp.add, acc, g), (loss, out)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, (losses, (ce, aux_loss, z, moe, moa)) = jax.lax.scan(body, zeros, (micro, keys))
+  grads, (micro_losses, (ce, aux_loss, z, moe, moa)) = jax.lax.scan(body, zeros, (micro, keys))
   mean = lambda tree: jax.tree.map(lambda x: x.mean(axis=0), tree)
   moe, moa = mean(moe), mean(moa)
   for i in moe:  # the global batch's statistics (aux at the global load and probs)
@@ -118,7 +118,7 @@ def grad_accumulate(model, batch: dict, rng: jax.Array, k: int):
     moe[i]["aux_loss"] = _layer_aux(model, i, load_E[i], moe[i]["probs_E"])
   metrics = {"ce": ce.sum(), "aux_loss": aux_loss.sum(), "z_loss": z.sum(),
              "tokens": batch["loss_mask"].sum(), "moe": moe, "moa": moa}
-  return (losses.sum(), metrics), grads
+  return (micro_losses.sum(), metrics), grads
 
 
 @nnx.jit
