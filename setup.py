@@ -27,6 +27,8 @@ EXTRAS = {
     "hf": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0"],
     # lm-evaluation-harness (moe_jax.harness) and Hugging Face datasets input (data.source).
     "eval": ["lm-eval==0.4.13", "datasets==5.2.0"],
+    # notebooks/: executed by `make notebooks` and tests/test_notebooks.py (pandas: 04).
+    "notebooks": ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0", "pandas==3.1.1"],
 }
 
 setup(

@@ -161,10 +161,7 @@ def bench_generate(new_tokens: int, check_tokens: int, prompt: str, repeats: int
   print(f"speedup={result['speedup']:.1f}")
   if upcycle_experts:
     spec = methods.UpcycleSpec(method="copy", num_experts=upcycle_experts, top_k=2)
-    moe_cfg = convert.moe_model_config(model.cfg, spec, "all")
-    up = convert.Upcycler(spec, moe_cfg, "normal", 0.5)
-    moe = convert.model_from_items(moe_cfg, convert.upcycle_items(
-        model.cfg, load.open_source("").tensors(), up))
+    moe = convert.upcycle_model(load.open_source(""), spec, router_std=0.5)
     cached, uncached = runs["cached"](moe, check_tokens), runs["uncached"](moe, check_tokens)
     result.update(check_tokens=check_tokens, upcycle=f"copy, {upcycle_experts} experts top-2, "
                   "every layer", moe_cached_equals_uncached=cached == uncached,

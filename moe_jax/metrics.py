@@ -28,6 +28,32 @@ def router_summary(stats: dict[int, dict[str, Any]], kind: str = "moe") -> dict[
   return out
 
 
+def router_loads(stats: dict[int, dict[str, Any]], kind: str = "moe") -> dict[str, list[float]]:
+  """Each layer's expert load (the fraction of routed assignments per expert, summing to
+  1) under '<kind>/layerNN/load': vectors, written to metrics.jsonl only."""
+  return {f"{kind}/layer{layer:02d}/load": [float(v) for v in np.asarray(s["load_E"])]
+          for layer, s in sorted(stats.items())}
+
+
+def read(workdir: str) -> list[dict[str, Any]]:
+  """The rows of workdir/metrics.jsonl, one per logged step (a torn last line is skipped)."""
+  rows = []
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+def curve(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps_S, values_S) of the rows that logged `key` (a scalar, or a vector: [S, n])."""
+  kept = [r for r in rows if r.get(key) is not None]
+  return (np.array([r["step"] for r in kept], np.int64),
+          np.array([r[key] for r in kept], np.float64))
+
+
 def _summary_writer():
   """tensorboardX's SummaryWriter, imported without torch (~2 s per binary start).
 
@@ -77,11 +103,16 @@ class MetricWriter:
       self._jsonl = open(path, "a")
       self._tb = _summary_writer()(os.path.join(workdir, "tb"))
 
-  def write(self, step: int, scalars: dict[str, float]) -> None:
+  def write(self, step: int, scalars: dict[str, float],
+            vectors: dict[str, list[float]] | None = None) -> None:
+    """One row: `scalars` to metrics.jsonl and TensorBoard, `vectors` (per-expert loads)
+    to metrics.jsonl only."""
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
     row = {"step": step, **{k: v if math.isfinite(v) else None for k, v in clean.items()}}
+    row.update({k: [x if math.isfinite(x) else None for x in map(float, v)]
+                for k, v in (vectors or {}).items()})
     self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
     self._jsonl.flush()
     for k, v in clean.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 
@@ -237,7 +238,7 @@ def data_texts(config) -> tuple[list[str], list[str]]:
 
 def data_documents(config, texts, tok):
   """(train, eval) token documents of the (train, eval) texts."""
-  enc = lambda docs: pipeline.tokenize_documents(docs, tok.encode, tok.eos_id)
+  enc = lambda docs: pipeline.tokenize_documents(docs, tok.encode_batch, tok.eos_id)
   train_ids, eval_ids = enc(texts[0]), enc(texts[1])
   if not train_ids or sum(len(d) for d in train_ids) <= config.loop.seq_len:
     raise ValueError(f"config.data.source={config.data.source!r}: too little text for one "
@@ -282,8 +283,12 @@ def _train_model(config, workdir: str):
   meta = {"provenance": plan.provenance, "prior_tokens_seen": plan.prior_tokens}
   last = loop_lib.train(model, train_docs, eval_docs, loop_cfg, opt_cfg, workdir, mesh=mesh,
                         meta=meta, resume_step=plan.resume_step or 0)
-  if lead:
-    checkpoint.write_json_atomic(os.path.join(workdir, "final.json"), last)
+  final = os.path.join(workdir, "final.json")
+  if not last and os.path.exists(final):  # finished before: nothing trained, keep its record
+    with open(final) as f:
+      last = json.load(f)
+  elif lead:
+    checkpoint.write_json_atomic(final, last)
     if "eval_loss" in last:
       print(f"final eval_loss={last['eval_loss']:.4f} loss={last['loss']:.4f}")
   return model, last

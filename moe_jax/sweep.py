@@ -15,6 +15,8 @@ from typing import Any
 
 import ml_collections
 
+from moe_jax import plotting
+
 
 RUN_PREFIX = "run:"
 NAME = "name"
@@ -122,14 +124,11 @@ def _fmt(v) -> str:
 
 
 def _plots(rows, keys, workdir, title) -> list[str]:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   swept = [k for k in keys if k not in ("eval_loss", "loss", "run", NAME)
            and len({str(r.get(k)) for r in rows}) > 1]
   paths = []
   for key in swept or ["run"]:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plotting.subplots(figsize=(6, 4))
     labels = [str(r.get(key)) for r in rows]
     ax.plot(range(len(rows)), [r["eval_loss"] for r in rows], "o-")
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
@@ -139,6 +138,5 @@ def _plots(rows, keys, workdir, title) -> list[str]:
     fig.tight_layout()
     path = os.path.join(workdir, f"eval_loss_vs_{key.replace('.', '_')}.png")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     paths.append(path)
   return paths

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -28,6 +29,10 @@ class Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """encode of each text, the texts tokenised in parallel (tokenizers' Rust threads)."""
+    return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: list[int]) -> str:
     return self.tok.decode(list(ids), skip_special_tokens=False)

@@ -40,3 +40,17 @@ def test_sweep_experts_runlocal(tmp_path):
   assert "eval_loss" in (tmp_path / "results.md").read_text()
   pngs = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
   assert pngs and all((tmp_path / p).stat().st_size > 1000 for p in pngs)
+
+
+def test_result_figures_leave_the_callers_pyplot_alone(tmp_path):
+  """The library draws on pyplot-free Figures (moe_jax/plotting.py): a notebook's backend
+  and its open figures are untouched by a sweep's (or an analysis's) PNGs."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("pdf")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [{"optim.lr": lr, "eval_loss": 5.0 - lr, "loss": 5.0, "run": f"lr={lr}"}
+          for lr in (0.1, 0.2)]
+  paths = sweep.write_results(rows, str(tmp_path), "lr")
+  assert [os.path.basename(p) for p in paths] == ["eval_loss_vs_optim_lr.png"]
+  assert os.path.getsize(paths[0]) > 1000
+  assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == []

@@ -13,7 +13,7 @@ import pytest
 import subproc
 
 from configs import train as train_config
-from moe_jax import runs, sweep
+from moe_jax import metrics, runs, sweep
 from moe_jax.data import corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,7 +193,7 @@ def test_bfloat16_compute_trains_like_float32(tmp_path):
   """config.dtype=bfloat16: bf16 matmuls, float32 params, optimizer state and router
   (moe_jax/moe/layer.py). After 20 steps of a 2-expert MoE from scratch, the training
   loss is within 0.1% of float32's (1.8e-5 measured), and the saved params are float32."""
-  losses = {}
+  losses, configs = {}, {}
   for dtype in ("float32", "bfloat16"):
     config = sweep.apply(train_config.get_config("scratch,runlocal,experts=2"),
                          {"dtype": dtype, "data.max_docs": 20, "loop.steps": 20,
@@ -201,7 +201,18 @@ def test_bfloat16_compute_trains_like_float32(tmp_path):
                           "loop.ckpt_every": 20, "loop.log_every": 20, "optim.lr": 3e-3})
     config.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
     losses[dtype] = runs.train(config, str(tmp_path / dtype))["loss"]
+    configs[dtype] = config
   assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=1e-3)
+  # Each logged step holds every MoE layer's expert load, a vector summing to 1.
+  row = metrics.read(str(tmp_path / "float32"))[-1]
+  loads = [row[f"moe/layer{i:02d}/load"] for i in range(2)]
+  assert [len(v) for v in loads] == [2, 2] and all(sum(v) == pytest.approx(1) for v in loads)
+  # A finished run trained again trains nothing, and returns and keeps its final record.
+  with open(tmp_path / "float32" / "final.json") as f:
+    final = json.load(f)
+  assert runs.train(configs["float32"], str(tmp_path / "float32")) == final
+  with open(tmp_path / "float32" / "final.json") as f:
+    assert json.load(f) == final
   assert losses["bfloat16"] != losses["float32"]  # bf16 did run
   from moe_jax.convert import load  # pylint: disable=g-import-not-at-top
   params = load.open_source(str(tmp_path / "bfloat16")).model()

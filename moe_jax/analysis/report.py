@@ -7,23 +7,23 @@ import os
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
+from moe_jax import plotting
 from moe_jax.analysis import weights
 
 MATS = ("w_gate", "w_up", "w_down")
 
 
-def _plt():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
 def _save(fig, workdir: str, name: str) -> str:
   fig.savefig(os.path.join(workdir, name), dpi=100)
-  _plt().close(fig)
   return name
+
+
+def _layer_axis(ax) -> None:
+  """An x axis of layer indices: integer ticks only."""
+  ax.set_xlabel("layer")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _layers(result, key: str | None = None) -> list[tuple[int, dict]]:
@@ -35,8 +35,7 @@ def weight_cosine_maps(result, extra, workdir):
   shown = [(i, d) for i, d in _layers(result) if i in extra.get("shown_layers", [])]
   if not shown:
     return None
-  plt = _plt()
-  fig, axes = plt.subplots(len(shown), 3, figsize=(10, 3.2 * len(shown)), squeeze=False, layout="constrained")
+  fig, axes = plotting.subplots(len(shown), 3, figsize=(10, 3.2 * len(shown)), squeeze=False, layout="constrained")
   for row, (i, d) in zip(axes, shown):
     for ax, m in zip(row, MATS):
       im = ax.imshow(np.asarray(d["weight_cosine"][m]), vmin=-1, vmax=1, cmap="RdBu_r")
@@ -50,8 +49,7 @@ def weight_cosine_maps(result, extra, workdir):
 
 def similarity_by_layer(result, extra, workdir):
   layers = _layers(result)
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+  fig, ax = plotting.subplots(figsize=(7, 4), layout="constrained")
   xs = [i for i, _ in layers]
   for m in MATS:
     e = layers[0][1]["num_experts"]
@@ -61,7 +59,7 @@ def similarity_by_layer(result, extra, workdir):
     if layers[0][1]["has_reference"]:
       ax.plot(xs, [float(np.mean(np.asarray(d["weight_cosine"][m])[:e, e])) for _, d in layers],
               "s--", label=f"expert-reference {m}")
-  ax.set_xlabel("layer")
+  _layer_axis(ax)
   ax.set_ylabel("mean cosine")
   ax.legend(fontsize=7)
   return _save(fig, workdir, "similarity_by_layer.png"), (
@@ -71,8 +69,7 @@ def similarity_by_layer(result, extra, workdir):
 
 def router_vs_weights(result, extra, workdir):
   layers = _layers(result)
-  plt = _plt()
-  fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), layout="constrained")
+  fig, axes = plotting.subplots(1, 3, figsize=(11, 3.6), layout="constrained")
   for ax, m in zip(axes, MATS):
     xs, ys = [], []
     for _, d in layers:
@@ -94,8 +91,7 @@ def pca_experts(result, extra, workdir):
   pcas = extra.get("pca", {})
   if not pcas:
     return None
-  plt = _plt()
-  fig, axes = plt.subplots(len(pcas), 4, figsize=(13, 3.2 * len(pcas)), squeeze=False, layout="constrained")
+  fig, axes = plotting.subplots(len(pcas), 4, figsize=(13, 3.2 * len(pcas)), squeeze=False, layout="constrained")
   for row, (i, p) in zip(axes, sorted(pcas.items())):
     for ax, m in zip(row, MATS):
       c = np.asarray(p[m]["coords"])
@@ -122,8 +118,7 @@ def to_base_by_layer(result, extra, workdir):
   layers = _layers(result, "to_base")
   if not layers:
     return None
-  plt = _plt()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+  fig, axes = plotting.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
   groups = sorted({g for _, d in layers for g in d["to_base"]["cosine"]})
   for g in groups:
     xs = [i for i, d in layers if g in d["to_base"]["cosine"]]
@@ -133,7 +128,7 @@ def to_base_by_layer(result, extra, workdir):
   axes[0].set_ylabel("cosine to base")
   axes[1].set_ylabel("relative L2 distance to base")
   for ax in axes:
-    ax.set_xlabel("layer")
+    _layer_axis(ax)
   axes[1].legend(fontsize=6, ncol=2)
   return _save(fig, workdir, "to_base.png"), (
       "How far each parameter group of each layer has moved from the model it came from: "
@@ -144,8 +139,7 @@ def output_similarity(result, extra, workdir):
   layers = _layers(result, "output_cosine")
   if not layers:
     return None
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+  fig, ax = plotting.subplots(figsize=(7, 4), layout="constrained")
   xs = [i for i, _ in layers]
   ax.plot(xs, [weights.off_diagonal_mean(np.asarray(d["output_cosine"])) for _, d in layers], "o-",
           label="expert-expert cosine")
@@ -154,7 +148,7 @@ def output_similarity(result, extra, workdir):
   if "output_to_reference" in layers[0][1]:
     ax.plot(xs, [float(np.mean(d["output_to_reference"])) for _, d in layers], "^--",
             label="expert-reference cosine")
-  ax.set_xlabel("layer")
+  _layer_axis(ax)
   ax.set_ylabel("mean over tokens and pairs")
   ax.legend(fontsize=7)
   return _save(fig, workdir, "output_similarity.png"), (
@@ -166,8 +160,7 @@ def norm_vs_score(result, extra, workdir):
   total = result.get("norm_score_counts_total")
   if total is None:
     return None
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(4.8, 4), layout="constrained")
+  fig, ax = plotting.subplots(figsize=(4.8, 4), layout="constrained")
   im = ax.imshow(np.asarray(total), cmap="viridis")
   ax.set_xlabel("rank by router score")
   ax.set_ylabel("rank by output norm")
@@ -183,18 +176,18 @@ def load_and_domains(result, extra, workdir):
   layers = _layers(result, "load")
   if not layers:
     return None
-  plt = _plt()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+  fig, axes = plotting.subplots(1, 2, figsize=(11, 4), layout="constrained")
   im = axes[0].imshow(np.asarray([d["load"] for _, d in layers]).T, aspect="auto",
                       cmap="magma")
   axes[0].set_xticks(range(len(layers)), [i for i, _ in layers], fontsize=6)
   axes[0].set_xlabel("layer")
   axes[0].set_ylabel("expert")
+  axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
   fig.colorbar(im, ax=axes[0], label="fraction of assignments")
   if "domain_js" in layers[0][1]:
     axes[1].bar([i for i, _ in layers], [d["domain_js"] for _, d in layers])
     axes[1].set_ylabel("JS divergence, code vs prose loads")
-    axes[1].set_xlabel("layer")
+    _layer_axis(axes[1])
   return _save(fig, workdir, "load_and_domains.png"), (
       "Expert load per layer on the evaluation text (left) and the Jensen-Shannon "
       "divergence between the loads on Python code and on English prose (right).")
@@ -204,9 +197,8 @@ def prompt_routing(result, extra, workdir):
   prompt = extra.get("prompt_routing")
   if not prompt:
     return None
-  plt = _plt()
   shown = sorted(prompt["weights"])
-  fig, axes = plt.subplots(len(shown), 1, figsize=(10, 1.6 + 1.4 * len(shown)), squeeze=False, layout="constrained")
+  fig, axes = plotting.subplots(len(shown), 1, figsize=(10, 1.6 + 1.4 * len(shown)), squeeze=False, layout="constrained")
   for ax, i in zip(axes[:, 0], shown):
     ax.imshow(np.asarray(prompt["weights"][i]).T, aspect="auto", cmap="Blues")
     ax.set_ylabel(f"layer {i}\nexpert", fontsize=8)
@@ -220,8 +212,7 @@ def layer_agreement(result, extra, workdir):
   agree = result.get("consecutive_layers")
   if not agree:
     return None
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
+  fig, ax = plotting.subplots(figsize=(7, 3.6), layout="constrained")
   pairs = [p["layers"] for p in agree]
   ax.plot(range(len(pairs)), [p["same_set"] for p in agree], "o-", label="same expert set")
   ax.plot(range(len(pairs)), [p["same_top1"] for p in agree], "s-", label="same top-1")
@@ -236,13 +227,13 @@ def activation_sparsity(result, extra, workdir):
   layers = _layers(result, "active_fraction")
   if not layers:
     return None
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(8, 3.6), layout="constrained")
+  fig, ax = plotting.subplots(figsize=(8, 3.6), layout="constrained")
   im = ax.imshow(np.asarray([d["active_fraction"] for _, d in layers]).T, aspect="auto",
                  cmap="viridis", vmin=0, vmax=1)
   ax.set_xticks(range(len(layers)), [i for i, _ in layers], fontsize=6)
   ax.set_xlabel("layer")
   ax.set_ylabel("expert")
+  ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   fig.colorbar(im, ax=ax, label="fraction |silu(x W_gate)| > 1e-3")
   return _save(fig, workdir, "activation_sparsity.png"), (
       "The fraction of each expert's hidden activations above 1e-3 in magnitude.")

@@ -13,12 +13,13 @@ import numpy as np
 from grain import experimental as grain_exp
 
 
-def tokenize_documents(docs: Sequence[str], encode: Callable[[str], list[int]],
+def tokenize_documents(docs: Sequence[str],
+                       encode_batch: Callable[[Sequence[str]], list[list[int]]],
                        eos_id: int | None) -> list[np.ndarray]:
   """Token arrays, each document followed by EOS when the tokenizer has one."""
   out = []
-  for doc in docs:
-    ids = list(encode(doc)) + ([eos_id] if eos_id is not None else [])
+  for ids in encode_batch(docs):
+    ids = list(ids) + ([eos_id] if eos_id is not None else [])
     if ids:
       out.append(np.asarray(ids, np.int32))
   return out

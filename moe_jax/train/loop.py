@@ -260,11 +260,14 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
                 "lr": float(lr), "tokens_per_s": tps}
         if peak:
           last["mfu"] = tps * flops_per_token / (peak * jax.device_count())
-        last.update(metrics_lib.router_summary(jax.device_get(m["moe"])))
-        last.update(metrics_lib.router_summary(jax.device_get(m["moa"]), "moa"))
+        router = {kind: jax.device_get(m[kind]) for kind in ("moe", "moa")}
+        loads = {}
+        for kind, stats in router.items():
+          last.update(metrics_lib.router_summary(stats, kind))
+          loads.update(metrics_lib.router_loads(stats, kind))
         if eval_set and (done % loop.eval_every == 0 or done == loop.steps):
           last.update(evaluate_batches(model, eval_set, mesh, loop.batch_size))
-        writer.write(done, last)
+        writer.write(done, last, loads)
         if bar is None:
           logging.info("step %d/%d loss=%.4f%s", done, loop.steps, loss,
                        f" eval_loss={last['eval_loss']:.4f}" if "eval_loss" in last else "")

@@ -121,6 +121,15 @@ def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
     raise ValueError(f"{source}: incomplete checkpoint, missing {what}")
 
 
+def upcycle_model(src, spec: methods.UpcycleSpec, layers: str = "all", router_init: str = "normal",
+                  router_std: float = 0.02, seed: int = 0, **moe_overrides) -> llama.Transformer:
+  """The MoE that `spec` makes of the dense checkpoint `src` (a `load.Source`), in memory:
+  the same streaming conversion as the upcycle binary, without writing a checkpoint."""
+  moe_cfg = moe_model_config(src.cfg, spec, layers, **moe_overrides)
+  upcycler = Upcycler(spec, moe_cfg, router_init, router_std, seed)
+  return model_from_items(moe_cfg, upcycle_items(src.cfg, src.tensors(), upcycler))
+
+
 def model_from_items(cfg: ModelConfig, items: Iterable[tuple[str, dict]]) -> llama.Transformer:
   """An in-memory model from checkpoint items (the train binary's on-the-fly upcycle)."""
   graphdef, state = nnx.split(llama.abstract(cfg))
