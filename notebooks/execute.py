@@ -1,11 +1,13 @@
 """Executes the notebooks into a folder git ignores (`make notebooks`):
 
-  python notebooks/execute.py [--out notebooks/executed] [01_upcycle_and_compare ...]
+  python notebooks/execute.py [--out notebooks/executed] [--runlocal] [01_upcycle_and_compare ...]
 
 Each notebook runs in a fresh kernel whose working directory is the output folder, so the
 runs it writes land beside the executed copy. A failing cell stops its notebook; the
 executed copy is still written (with the traceback in that cell) and the error is one line
-naming the notebook, the cell and the exception.
+naming the notebook, the cell and the exception. `--runlocal` sets MOE_JAX_RUNLOCAL=1 in
+the kernel: each notebook then runs its smallest sizes (fewer steps and windows), as the
+test suite does.
 """
 from __future__ import annotations
 
@@ -39,10 +41,13 @@ def notebooks(names: list[str] | tuple[str, ...] = ()) -> list[str]:
   return chosen
 
 
-def kernel_env() -> dict[str, str]:
+def kernel_env(runlocal: bool = False) -> dict[str, str]:
   """This process's environment without fake CPU devices (the test suite sets 8): a
-  notebook runs on the devices a user has."""
+  notebook runs on the devices a user has. `runlocal`: MOE_JAX_RUNLOCAL=1."""
   env = dict(os.environ)
+  env.pop("MOE_JAX_RUNLOCAL", None)
+  if runlocal:
+    env["MOE_JAX_RUNLOCAL"] = "1"
   flags = FAKE_DEVICES.sub("", env.get("XLA_FLAGS", "")).strip()
   if flags:
     env["XLA_FLAGS"] = flags
@@ -61,7 +66,7 @@ def _failure(nb, name: str, err: CellExecutionError) -> str:
   return f"{name}: failed: {err.ename}: {err.evalue}"
 
 
-def execute(path: str, out_dir: str, timeout: int = 900) -> str:
+def execute(path: str, out_dir: str, timeout: int = 900, runlocal: bool = False) -> str:
   """Runs the notebook at `path` top to bottom; writes the executed copy to `out_dir` and
   returns its path. Raises NotebookError naming the failing cell."""
   name = os.path.basename(path)
@@ -70,7 +75,7 @@ def execute(path: str, out_dir: str, timeout: int = 900) -> str:
   out = os.path.join(out_dir, name)
   client = NotebookClient(nb, timeout=timeout, kernel_name="python3")
   try:
-    client.execute(cwd=out_dir, env=kernel_env())
+    client.execute(cwd=out_dir, env=kernel_env(runlocal))
   except CellExecutionError as e:
     raise NotebookError(_failure(nb, name, e)) from None
   finally:
@@ -82,11 +87,12 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("names", nargs="*", help="notebook name prefixes (default: all)")
   parser.add_argument("--out", default=os.path.join(HERE, "executed"))
+  parser.add_argument("--runlocal", action="store_true", help="the smallest sizes (as the tests)")
   args = parser.parse_args(argv)
   try:
     for path in notebooks(args.names):
       t0 = time.time()
-      out = execute(path, os.path.abspath(args.out))
+      out = execute(path, os.path.abspath(args.out), runlocal=args.runlocal)
       print(f"{os.path.basename(path)}: ok in {time.time() - t0:.0f} s -> {out}", flush=True)
   except NotebookError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """The notebooks (notebooks/*.ipynb) run top to bottom in a fresh kernel, as `make
-notebooks` runs them, and show their figures; a failing cell fails its notebook's test,
+notebooks` runs them but at their runlocal sizes (MOE_JAX_RUNLOCAL=1), and show their figures; a failing cell fails its notebook's test,
 naming the notebook and the cell. The repository stores them without outputs."""
 import base64
 import importlib.util
@@ -41,7 +41,8 @@ def test_every_notebook_is_listed_and_stored_without_outputs():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes_and_shows_its_figures(name, tmp_path):
-  out = execute.execute(os.path.join(ROOT, "notebooks", f"{name}.ipynb"), str(tmp_path))
+  out = execute.execute(os.path.join(ROOT, "notebooks", f"{name}.ipynb"), str(tmp_path),
+                        runlocal=True)
   nb = nbformat.read(out, as_version=4)
   errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
   assert not errors
