@@ -4,30 +4,22 @@ The config module gives the base training config (`get_config(arg)`) and `sweep(
 a generator of override dicts; each run trains in DIR/<overrides>, finished runs are
 skipped, then DIR/results.csv, results.md and PNG plots are written.
 """
-import importlib.util
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli
-from moe_jax import runs, sweep
+from moe_jax import config_util, runs, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A sweep config module.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.", required=True)
 
 
-def _module(path: str):
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def run(config, workdir: str):
   path, _, arg = flags.FLAGS["config"].config_filename.partition(":")
-  mod = _module(path)
+  mod = config_util.load_module(path)
   os.makedirs(workdir, exist_ok=True)
   rows = sweep.run_sweep(config, mod.sweep(arg), workdir, runs.train)
   for p in sweep.write_results(rows, workdir, os.path.basename(path)[:-3]):

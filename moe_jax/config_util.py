@@ -29,3 +29,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       except ValueError:
         raise ValueError(f"config argument {key}={value!r}: expected {kind.__name__}") from None
   return ml_collections.ConfigDict(out)
+
+
+def load_module(path: str):
+  """The Python module at `path` (a config module that also defines a sweep or a study)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("moe_jax_config_module", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod

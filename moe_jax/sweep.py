@@ -91,7 +91,7 @@ def run_sweep(base: ml_collections.ConfigDict, sweep: Iterable[dict[str, Any]], 
   """Runs every override set not finished yet; returns one row per run."""
   rows = []
   for overrides in order(sweep):
-    run_dir = os.path.join(workdir, run_name(overrides))
+    run_dir = os.path.normpath(os.path.join(workdir, run_name(overrides)))
     final = os.path.join(run_dir, "final.json")
     if os.path.exists(final):
       print(f"skip (finished): {run_name(overrides)}")

@@ -1,6 +1,7 @@
 """The notebooks (notebooks/*.ipynb) run top to bottom in a fresh kernel, as `make
-notebooks` runs them but at their runlocal sizes (MOE_JAX_RUNLOCAL=1), and show their figures; a failing cell fails its notebook's test,
-naming the notebook and the cell. The repository stores them without outputs."""
+notebooks` runs them but at their runlocal sizes (MOE_JAX_RUNLOCAL=1), and show their
+figures; a failing cell fails its notebook's test, naming the notebook and the cell. The
+repository stores them without outputs."""
 import base64
 import importlib.util
 import os

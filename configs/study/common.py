@@ -1,0 +1,40 @@
+"""What every finding shares: the seed dense model and the continued-training sizes.
+
+The seed is a small dense model pre-trained here from scratch on the standard library's
+Python (a byte-level BPE learned from that text). It lives beside the findings' workdirs
+(`<study root>/seed`, the shared run "../seed"), so it is trained once and every finding
+starts from the same checkpoint. `runlocal` shrinks everything to a CI miniature.
+"""
+import ml_collections
+
+from configs import train
+
+SEED = "../seed"  # the shared run's directory, relative to a finding's workdir
+
+
+def base(runlocal: bool, steps: int) -> ml_collections.ConfigDict:
+  """The train config of every arm: the seed's shape, `steps` of continued training."""
+  c = train.get_config(f"scratch,method=none,lr=3e-4,steps={steps}")
+  c.scratch.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=512,
+                   max_seq_len=512, tokenizer="bpe:4096")
+  c.data.max_docs = 0
+  c.loop.update(batch_size=16, seq_len=256, log_every=10, eval_every=max(steps // 10, 1),
+                eval_batches=8, ckpt_every=max(steps // 4, 1))
+  c.optim.update(warmup_steps=max(steps // 20, 1), total_steps=steps)
+  c.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
+  if runlocal:
+    c.scratch.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64,
+                     tokenizer="bpe:512")
+    c.data.max_docs = 30
+    c.loop.update(batch_size=2, seq_len=32, log_every=1, eval_every=1, eval_batches=1,
+                  ckpt_every=steps)
+  return c
+
+
+def seed_run(runlocal: bool, steps: int = 3000) -> dict:
+  """The shared pre-training run of the seed (dense, from scratch, a higher LR)."""
+  steps = 2 if runlocal else steps
+  return {"name": SEED, "init": "scratch", "upcycle.method": "none", "optim.lr": 1e-3,
+          "loop.steps": steps, "optim.total_steps": steps, "loop.seed": 1000,
+          "optim.warmup_steps": max(steps // 50, 1), "loop.ckpt_every": steps,
+          "loop.eval_every": max(steps // 20, 1)}
