@@ -225,8 +225,11 @@ def train_mesh(config, num_experts: int | None = None):
 def data_texts(config) -> tuple[list[str], list[str]]:
   """(train, eval) documents of the configured source, as text."""
   src = config.data.source
-  if src == "stdlib":
+  if src in ("stdlib", "stdlib+pydoc"):
     train_docs, eval_docs = corpus.stdlib_documents("train"), corpus.stdlib_documents("valid")
+    if src == "stdlib+pydoc":  # both domains; each keeps its own held-out split
+      train_docs, eval_docs = (corpus.interleave(train_docs, corpus.pydoc_documents("train")),
+                               corpus.interleave(eval_docs, corpus.pydoc_documents("valid")))
   elif src.startswith("hf:"):
     train_docs, eval_docs = corpus.hf_documents(src[3:], config.data.field)
   else:

@@ -159,3 +159,25 @@ def arm_dirs(rows: list[dict], workdir: str) -> dict[str, list[str]]:
     out.setdefault(r["arm"], []).append(
         os.path.join(workdir, f"{r['arm']}/{SEED_PREFIX}{r['seed']}"))
   return out
+
+
+def write_curve(run_dir: str, out_dir: str, name: str) -> list[str]:
+  """One run's loss curve as results to commit (the checkpoints are not): <name>.csv
+  (step, tokens, training and held-out loss) and <name>.png."""
+  rows = metrics.read(run_dir)
+  tokens_per_step = run_row(run_dir, name, 0)["tokens"] / max(r["step"] for r in rows)
+  os.makedirs(out_dir, exist_ok=True)
+  csv_path, png_path = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("csv", "png"))
+  with open(csv_path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["step", "tokens", "loss", "eval_loss"])
+    for r in rows:
+      w.writerow([r["step"], int(r["step"] * tokens_per_step), r.get("loss"), r.get("eval_loss")])
+  fig, ax = plotting.subplots(figsize=(7, 4.2), layout="constrained")
+  for key, style in (("loss", "-"), ("eval_loss", "o-")):
+    steps, values = metrics.curve(rows, key)
+    ax.plot(steps * tokens_per_step, values, style, ms=3, label=key.replace("_", " "))
+  ax.set(xlabel="training tokens", ylabel="loss", title=name)
+  ax.legend()
+  fig.savefig(png_path, dpi=110)
+  return [csv_path, png_path]

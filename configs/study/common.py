@@ -1,7 +1,8 @@
 """What every finding shares: the seed dense model and the continued-training sizes.
 
-The seed is a small dense model pre-trained here from scratch on the standard library's
-Python (a byte-level BPE learned from that text). It lives beside the findings' workdirs
+The seed is a small dense model pre-trained here from scratch on the embedded text, the
+standard library's Python and the pydoc topics in English (data.source=stdlib+pydoc, each
+with its own held-out split), with a byte-level BPE learned from that text. It lives beside the findings' workdirs
 (`<study root>/seed`, the shared run "../seed"), so it is trained once and every finding
 starts from the same checkpoint. `runlocal` shrinks everything to a CI miniature.
 """
@@ -17,7 +18,7 @@ def base(runlocal: bool, steps: int) -> ml_collections.ConfigDict:
   c = train.get_config(f"scratch,method=none,lr=3e-4,steps={steps}")
   c.scratch.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=512,
                    max_seq_len=512, tokenizer="bpe:4096")
-  c.data.max_docs = 0
+  c.data.update(source="stdlib+pydoc", max_docs=0)  # Python and English, each held out
   c.loop.update(batch_size=16, seq_len=256, log_every=10, eval_every=max(steps // 10, 1),
                 eval_batches=8, ckpt_every=max(steps // 4, 1))
   c.optim.update(warmup_steps=max(steps // 20, 1), total_steps=steps)
@@ -31,7 +32,7 @@ def base(runlocal: bool, steps: int) -> ml_collections.ConfigDict:
   return c
 
 
-def seed_run(runlocal: bool, steps: int = 3000) -> dict:
+def seed_run(runlocal: bool, steps: int = 1600) -> dict:
   """The shared pre-training run of the seed (dense, from scratch, a higher LR)."""
   steps = 2 if runlocal else steps
   return {"name": SEED, "init": "scratch", "upcycle.method": "none", "optim.lr": 1e-3,

@@ -2,7 +2,9 @@
 
 Evaluation text: the interpreter's `pydoc_data.topics` (English documentation).
 Training text: the standard library's non-test `.py` files, split deterministically into
-train/valid by a hash of each file's relative path.
+train/valid by a hash of each file's relative path; with source `stdlib+pydoc`, also the
+pydoc topics split by a hash of the topic name (then `embedded_eval_text`, all topics,
+overlaps that run's training text).
 """
 from __future__ import annotations
 
@@ -28,10 +30,24 @@ def _is_test(rel: str) -> bool:
           or name.endswith("_test.py") or name == "conftest.py")
 
 
-def stdlib_files(split: str = "train", valid_percent: int = 5) -> list[str]:
-  """Sorted paths of the standard library's non-test .py files in `split`."""
+def _in_split(key: str, split: str, valid_percent: int) -> bool:
+  """The deterministic train/valid assignment of a document by a hash of its key."""
   if split not in ("train", "valid"):
     raise ValueError(f"split={split!r}: expected 'train' or 'valid'")
+  bucket = int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100
+  return (bucket < valid_percent) == (split == "valid")
+
+
+def pydoc_documents(split: str = "train", valid_percent: int = 10) -> list[str]:
+  """pydoc's topic help texts (English), one document per topic, in sorted key order,
+  split into train/valid by a hash of the topic name."""
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  return [topics.topics[k] for k in sorted(topics.topics) if _in_split(k, split, valid_percent)]
+
+
+def stdlib_files(split: str = "train", valid_percent: int = 5) -> list[str]:
+  """Sorted paths of the standard library's non-test .py files in `split`."""
+  _in_split("", split, valid_percent)  # checks `split`
   root = sysconfig.get_paths()["stdlib"]
   out = []
   for dirpath, dirnames, filenames in os.walk(root):
@@ -40,8 +56,7 @@ def stdlib_files(split: str = "train", valid_percent: int = 5) -> list[str]:
       rel = os.path.relpath(os.path.join(dirpath, name), root)
       if not name.endswith(".py") or _is_test(rel):
         continue
-      bucket = int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 100
-      if (bucket < valid_percent) == (split == "valid"):
+      if _in_split(rel, split, valid_percent):
         out.append(os.path.join(root, rel))
   return out
 
@@ -134,3 +149,17 @@ def hf_documents(spec: str, field: str = "text") -> tuple[list[str], list[str]]:
 
 def _expand(files: str) -> list[str]:
   return glob.glob(files) or [files]
+
+
+def interleave(a: list[str], b: list[str]) -> list[str]:
+  """The documents of a and b alternating, in proportion to their counts (so that a
+  prefix, as `data.max_docs` takes, holds both domains)."""
+  out, i, j = [], 0, 0
+  while i < len(a) or j < len(b):
+    if j >= len(b) or (i < len(a) and i * len(b) <= j * len(a)):
+      out.append(a[i])
+      i += 1
+    else:
+      out.append(b[j])
+      j += 1
+  return out
