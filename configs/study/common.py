@@ -39,3 +39,8 @@ def seed_run(runlocal: bool, steps: int = 1600) -> dict:
           "loop.steps": steps, "optim.total_steps": steps, "loop.seed": 1000,
           "optim.warmup_steps": max(steps // 50, 1), "loop.ckpt_every": steps,
           "loop.eval_every": max(steps // 20, 1)}
+
+
+def upcycled(name: str, **overrides) -> dict:
+  """An arm that upcycles the seed (copy, the finding's experts) with `overrides`."""
+  return {"name": name, "init": f"run:{SEED}", "upcycle.method": "copy", **overrides}

@@ -29,6 +29,6 @@ def shared(arg=None):
 
 def arms(arg=None):
   start = {"init": f"run:{common.SEED}"}
-  yield {"name": "upcycled", **start, "upcycle.method": "copy"}
+  yield common.upcycled("upcycled")
   yield {"name": "dense", **start, "upcycle.method": "none"}
   yield {"name": "scratch_moe", "init": "scratch", "upcycle.method": "copy"}
