@@ -22,7 +22,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # The longest file first: with one worker per file (--dist loadfile), a long file that
 # starts late finishes last, after the other worker has run out of work.
-_FIRST = ("test_notebooks.py",)
+_FIRST = ("test_notebooks.py", "test_study.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -43,16 +43,22 @@ def test_paired_difference_is_the_mean_and_standard_error_over_common_seeds():
     study.paired_difference(rows, "a", "missing")
 
 
+@pytest.fixture(scope="module")
+def study_root(tmp_path_factory):
+  """One study root for every miniature: the seed (`<root>/seed`) is trained once."""
+  return tmp_path_factory.mktemp("study")
+
+
 @pytest.mark.parametrize("path", STUDIES, ids=[os.path.basename(p) for p in STUDIES])
-def test_every_study_config_runs_its_miniature_and_resumes(path, tmp_path):
+def test_every_study_config_runs_its_miniature_and_resumes(path, study_root):
   mod = config_util.load_module(path)
   trained = []
 
   def train(config, workdir):
-    trained.append(os.path.relpath(workdir, tmp_path))
+    trained.append(workdir)
     return runs.train(config, workdir)
 
-  workdir = str(tmp_path / "finding")
+  workdir = str(study_root / os.path.basename(path)[:-3])
   go = lambda: study.run_study(mod.get_config("runlocal"), mod.arms("runlocal"),
                                mod.shared("runlocal"), 1, workdir, train)
   rows = go()

@@ -13,7 +13,7 @@ SEEDS = 3
 
 
 def _args(arg):
-  return parse_arg(arg, steps=400, experts=8, runlocal=False)
+  return parse_arg(arg, steps=300, experts=8, runlocal=False)
 
 
 def get_config(arg=None):
