@@ -26,8 +26,7 @@ def run(config, workdir: str, seeds: int) -> None:
   seeds = seeds or mod.SEEDS
   os.makedirs(workdir, exist_ok=True)
   rows = study.run_study(config, mod.arms(arg), mod.shared(arg), seeds, workdir, runs.train)
-  for p in study.write_results(rows, mod.COMPARISONS, workdir, os.path.basename(path)[:-3],
-                               study.arm_dirs(rows, workdir)):
+  for p in study.write_results(rows, mod.COMPARISONS, workdir, os.path.basename(path)[:-3]):
     print(f"plot: {p}")
   print(open(os.path.join(workdir, "results.md")).read())
 

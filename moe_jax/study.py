@@ -32,6 +32,11 @@ SEED_PREFIX = "s"
 COLUMNS = ("arm", "seed", "steps", "tokens", "train_flops", "eval_loss", "loss")
 
 
+def run_name(arm: str, seed: int) -> str:
+  """The directory of an arm's run for one seed, below the finding's workdir."""
+  return f"{arm}/{SEED_PREFIX}{seed}"
+
+
 def seeded_runs(arms: Iterable[dict[str, Any]], shared: Iterable[dict[str, Any]],
                 seeds: int) -> list[dict[str, Any]]:
   """Every run of the study: the shared runs once, each arm once per seed."""
@@ -45,25 +50,20 @@ def seeded_runs(arms: Iterable[dict[str, Any]], shared: Iterable[dict[str, Any]]
     if "loop.seed" in arm:
       raise ValueError(f"study arm {arm['name']!r}: loop.seed is set per seed by the study")
     for s in range(seeds):
-      run = {**arm, sweep.NAME: f"{arm[sweep.NAME]}/{SEED_PREFIX}{s}", "loop.seed": s}
-      parent = sweep._parent(run)  # pylint: disable=protected-access
+      run = {**arm, sweep.NAME: run_name(arm[sweep.NAME], s), "loop.seed": s}
+      parent = sweep.parent_of(run)
       if parent is not None and parent not in shared_names:  # an arm chained to an arm
-        run["init"] = f"{sweep.RUN_PREFIX}{parent}/{SEED_PREFIX}{s}"
+        run["init"] = sweep.RUN_PREFIX + run_name(parent, s)
       out.append(run)
   return out
 
 
 def run_study(base, arms, shared, seeds: int, workdir: str, train_fn: Callable) -> list[dict]:
   """Trains what is not finished yet; returns one row per arm and seed (COLUMNS)."""
-  shared = list(shared)
-  runs = seeded_runs(arms, shared, seeds)
-  sweep.run_sweep(base, runs, workdir, train_fn)
-  rows = []
-  for run in runs[len(shared):]:
-    arm, _, s = sweep.run_name(run).rpartition(f"/{SEED_PREFIX}")
-    run_dir = os.path.normpath(os.path.join(workdir, sweep.run_name(run)))
-    rows.append(run_row(run_dir, arm, int(s)))
-  return rows
+  arms = list(arms)
+  sweep.run_sweep(base, seeded_runs(arms, shared, seeds), workdir, train_fn)
+  return [run_row(os.path.join(workdir, run_name(a[sweep.NAME], s)), a[sweep.NAME], s)
+          for a in arms for s in range(seeds)]
 
 
 def run_row(run_dir: str, arm: str, seed: int) -> dict[str, Any]:
@@ -98,8 +98,8 @@ def paired_difference(rows: list[dict], a: str, b: str, key: str = "eval_loss") 
 
 
 def write_results(rows: list[dict], comparisons: Iterable[tuple[str, str]], workdir: str,
-                  title: str, curves: dict[str, list[str]] | None = None) -> list[str]:
-  """results.csv, results.md, and (with `curves`: arm -> its run dirs) the loss plots."""
+                  title: str) -> list[str]:
+  """results.csv, results.md, and the loss plots of the runs below `workdir`."""
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, COLUMNS)
     w.writeheader()
@@ -118,31 +118,32 @@ def write_results(rows: list[dict], comparisons: Iterable[tuple[str, str]], work
     lines.append(f"| {a} - {b} | {d['n']} | {d['diff']:+.4f} ± {d['se']:.2g} |")
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  return plot_curves(curves, workdir, title) if curves else []
+  return plot_curves(rows, workdir, title)
 
 
-def _mean_curve(run_dirs: list[str], x_of: Callable[[str], float]) -> tuple[np.ndarray, ...]:
-  """(x, mean, min, max) of the held-out loss over the runs, at the steps all logged."""
+def _mean_curve(run_dirs: list[str]) -> tuple[np.ndarray, ...]:
+  """(steps, mean, min, max) of the held-out loss over the runs, at the steps all logged."""
   curves = [metrics.curve(metrics.read(d), "eval_loss") for d in run_dirs]
   steps = sorted(set.intersection(*(set(s.tolist()) for s, _ in curves)))
   ys = np.array([[dict(zip(s.tolist(), v))[t] for t in steps] for s, v in curves])
-  scale = x_of(run_dirs[0])
-  return np.asarray(steps) * scale, ys.mean(0), ys.min(0), ys.max(0)
+  return np.asarray(steps), ys.mean(0), ys.min(0), ys.max(0)
 
 
-def plot_curves(curves: dict[str, list[str]], workdir: str, title: str) -> list[str]:
+def plot_curves(rows: list[dict], workdir: str, title: str) -> list[str]:
   """Held-out loss against training tokens and against training FLOPs, one curve per arm
   (mean over its seeds) with a band from the lowest to the highest seed."""
-  def per_step(run_dir: str, key: str) -> float:
-    row = run_row(run_dir, "", 0)
-    return row[key] / row["steps"]
-
+  by_arm: dict[str, list[dict]] = {}
+  for r in rows:
+    by_arm.setdefault(r["arm"], []).append(r)
+  curves = {arm: _mean_curve([os.path.join(workdir, run_name(arm, r["seed"])) for r in mine])
+            for arm, mine in by_arm.items()}
   paths = []
   for key, label in (("tokens", "training tokens"), ("train_flops", "training FLOPs")):
     fig, ax = plotting.subplots(figsize=(7, 4.2), layout="constrained")
-    for arm, dirs in curves.items():
-      x, mean, lo, hi = _mean_curve(dirs, lambda d, k=key: per_step(d, k))
-      ax.plot(x, mean, "o-", ms=3, label=f"{arm} ({len(dirs)} seeds)")
+    for arm, (steps, mean, lo, hi) in curves.items():
+      first = by_arm[arm][0]
+      x = steps * (first[key] / first["steps"])  # the same per step for every seed
+      ax.plot(x, mean, "o-", ms=3, label=f"{arm} ({len(by_arm[arm])} seeds)")
       ax.fill_between(x, lo, hi, alpha=0.2)
     ax.set(xlabel=label, ylabel="held-out loss", title=title)
     ax.legend(fontsize=8)
@@ -150,15 +151,6 @@ def plot_curves(curves: dict[str, list[str]], workdir: str, title: str) -> list[
     fig.savefig(path, dpi=110)
     paths.append(path)
   return paths
-
-
-def arm_dirs(rows: list[dict], workdir: str) -> dict[str, list[str]]:
-  """arm -> the run directories of its seeds."""
-  out: dict[str, list[str]] = {}
-  for r in rows:
-    out.setdefault(r["arm"], []).append(
-        os.path.join(workdir, f"{r['arm']}/{SEED_PREFIX}{r['seed']}"))
-  return out
 
 
 def write_curve(run_dir: str, out_dir: str, name: str) -> list[str]:

@@ -28,7 +28,7 @@ def run_name(overrides: dict[str, Any]) -> str:
   return ",".join(f"{k}={v}" for k, v in overrides.items()).replace("/", "_") or "base"
 
 
-def _parent(overrides: dict[str, Any]) -> str | None:
+def parent_of(overrides: dict[str, Any]) -> str | None:
   init = overrides.get("init")
   return init[len(RUN_PREFIX):] if isinstance(init, str) and init.startswith(RUN_PREFIX) else None
 
@@ -48,7 +48,7 @@ def order(sweep: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
       return
     if name in chain:
       raise ValueError(f"sweep: runs {' -> '.join(chain + (name,))} form a cycle")
-    parent = _parent(by_name[name])
+    parent = parent_of(by_name[name])
     if parent is not None:
       if parent not in by_name:
         raise ValueError(f"sweep run {name!r}: init={RUN_PREFIX}{parent} names no run of this "
@@ -64,7 +64,7 @@ def order(sweep: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def resolve(overrides: dict[str, Any], workdir: str) -> dict[str, Any]:
   """Config overrides of one run: without its name, `init: run:<name>` as a directory."""
   out = {k: v for k, v in overrides.items() if k != NAME}
-  parent = _parent(out)
+  parent = parent_of(out)
   if parent is not None:
     out["init"] = os.path.join(os.path.abspath(workdir), parent)
   return out

@@ -64,7 +64,7 @@ def test_every_study_config_runs_its_miniature_and_resumes(path, study_root):
   rows = go()
   arms = [a["name"] for a in mod.arms("runlocal")]
   assert [r["arm"] for r in rows] == arms and all(r["eval_loss"] > 0 for r in rows)
-  plots = study.write_results(rows, mod.COMPARISONS, workdir, "mini", study.arm_dirs(rows, workdir))
+  plots = study.write_results(rows, mod.COMPARISONS, workdir, "mini")
   assert [os.path.basename(p) for p in plots] == ["loss_vs_tokens.png", "loss_vs_train_flops.png"]
   with open(os.path.join(workdir, "results.csv")) as f:
     assert len(list(csv.DictReader(f))) == len(arms)

@@ -2,13 +2,14 @@
 
 The seed is a small dense model pre-trained here from scratch on the embedded text, the
 standard library's Python and the pydoc topics in English (data.source=stdlib+pydoc, each
-with its own held-out split), with a byte-level BPE learned from that text. It lives beside the findings' workdirs
-(`<study root>/seed`, the shared run "../seed"), so it is trained once and every finding
-starts from the same checkpoint. `runlocal` shrinks everything to a CI miniature.
+with its own held-out split), with a byte-level BPE learned from that text. It lives
+beside the findings' workdirs (`<study root>/seed`, the shared run "../seed"), so it is
+trained once and every finding starts from the same checkpoint. `runlocal` shrinks everything to a CI miniature.
 """
 import ml_collections
 
 from configs import train
+from moe_jax.config_util import parse_arg
 
 SEED = "../seed"  # the shared run's directory, relative to a finding's workdir
 
@@ -44,3 +45,21 @@ def seed_run(runlocal: bool, steps: int = 1600) -> dict:
 def upcycled(name: str, **overrides) -> dict:
   """An arm that upcycles the seed (copy, the finding's experts) with `overrides`."""
   return {"name": name, "init": f"run:{SEED}", "upcycle.method": "copy", **overrides}
+
+
+def finding_args(arg: str | None, steps: int, **defaults) -> ml_collections.ConfigDict:
+  """A finding's config arguments: steps (of continued training), runlocal, and its own."""
+  return parse_arg(arg, steps=steps, runlocal=False, **defaults)
+
+
+def finding_config(a: ml_collections.ConfigDict, experts: int = 8,
+                   **upcycle) -> ml_collections.ConfigDict:
+  """`base` for a finding's arguments `a`: its steps (2 at runlocal), `experts` top-2."""
+  c = base(a.runlocal, 2 if a.runlocal else a.steps)
+  c.upcycle.update(num_experts=experts, top_k=2, **upcycle)
+  return c
+
+
+def shared(a: ml_collections.ConfigDict):
+  """The runs every seed of a finding shares: the seed model."""
+  yield seed_run(a.runlocal)

@@ -5,25 +5,21 @@ drop (r = 0.5), noise, and partition, each upcycling the seed into 8 experts top
 Arguments: steps, runlocal.
 """
 from configs.study import common
-from moe_jax.config_util import parse_arg
 
 COMPARISONS = (("drop", "copy"), ("noise", "copy"), ("partition", "copy"))
 SEEDS = 3
 
 
 def _args(arg):
-  return parse_arg(arg, steps=250, runlocal=False)
+  return common.finding_args(arg, steps=250)
 
 
 def get_config(arg=None):
-  a = _args(arg)
-  c = common.base(a.runlocal, 2 if a.runlocal else a.steps)
-  c.upcycle.update(num_experts=8, top_k=2, drop_ratio=0.5)
-  return c
+  return common.finding_config(_args(arg), drop_ratio=0.5)
 
 
 def shared(arg=None):
-  yield common.seed_run(_args(arg).runlocal)
+  return common.shared(_args(arg))
 
 
 def arms(arg=None):

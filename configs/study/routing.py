@@ -6,25 +6,21 @@ Nemotron-4's upcycling found softmax-then-topK better; "Llama 3 Meets MoE" found
 topK-then-softmax converges faster. Arguments: steps, runlocal.
 """
 from configs.study import common
-from moe_jax.config_util import parse_arg
 
 COMPARISONS = (("softmax_topk", "topk_softmax"),)
 SEEDS = 3
 
 
 def _args(arg):
-  return parse_arg(arg, steps=300, runlocal=False)
+  return common.finding_args(arg, steps=300)
 
 
 def get_config(arg=None):
-  a = _args(arg)
-  c = common.base(a.runlocal, 2 if a.runlocal else a.steps)
-  c.upcycle.update(num_experts=8, top_k=2)
-  return c
+  return common.finding_config(_args(arg))
 
 
 def shared(arg=None):
-  yield common.seed_run(_args(arg).runlocal)
+  return common.shared(_args(arg))
 
 
 def arms(arg=None):

@@ -6,29 +6,26 @@ an MoE of the same shape trained from scratch, on the same tokens. Arguments: st
 (continued training), experts, runlocal (the CI miniature: 2 steps).
 """
 from configs.study import common
-from moe_jax.config_util import parse_arg
 
 COMPARISONS = (("upcycled", "dense"), ("upcycled", "scratch_moe"))
 SEEDS = 3
 
 
 def _args(arg):
-  return parse_arg(arg, steps=300, experts=8, runlocal=False)
+  return common.finding_args(arg, steps=300, experts=8)
 
 
 def get_config(arg=None):
   a = _args(arg)
-  c = common.base(a.runlocal, 2 if a.runlocal else a.steps)
-  c.upcycle.update(num_experts=a.experts, top_k=2)
-  return c
+  return common.finding_config(a, a.experts)
 
 
 def shared(arg=None):
-  yield common.seed_run(_args(arg).runlocal)
+  return common.shared(_args(arg))
 
 
 def arms(arg=None):
-  start = {"init": f"run:{common.SEED}"}
+  del arg
   yield common.upcycled("upcycled")
-  yield {"name": "dense", **start, "upcycle.method": "none"}
+  yield {"name": "dense", "init": f"run:{common.SEED}", "upcycle.method": "none"}
   yield {"name": "scratch_moe", "init": "scratch", "upcycle.method": "copy"}

@@ -30,10 +30,14 @@ def _is_test(rel: str) -> bool:
           or name.endswith("_test.py") or name == "conftest.py")
 
 
-def _in_split(key: str, split: str, valid_percent: int) -> bool:
-  """The deterministic train/valid assignment of a document by a hash of its key."""
+def _check_split(split: str) -> None:
   if split not in ("train", "valid"):
     raise ValueError(f"split={split!r}: expected 'train' or 'valid'")
+
+
+def _in_split(key: str, split: str, valid_percent: int) -> bool:
+  """The deterministic train/valid assignment of a document by a hash of its key."""
+  _check_split(split)
   bucket = int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100
   return (bucket < valid_percent) == (split == "valid")
 
@@ -47,7 +51,7 @@ def pydoc_documents(split: str = "train", valid_percent: int = 10) -> list[str]:
 
 def stdlib_files(split: str = "train", valid_percent: int = 5) -> list[str]:
   """Sorted paths of the standard library's non-test .py files in `split`."""
-  _in_split("", split, valid_percent)  # checks `split`
+  _check_split(split)
   root = sysconfig.get_paths()["stdlib"]
   out = []
   for dirpath, dirnames, filenames in os.walk(root):
