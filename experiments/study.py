@@ -1,10 +1,13 @@
 """Run one finding of the reproduction study, every arm over several seeds.
 
-  python -m experiments.study --config=configs/study/upcycling.py --workdir=runs/study/upcycling
+  python -m experiments.study --config=configs/study/upcycling.py --workdir=runs/study/upcycling \
+      --results_dir=docs/results/study
 
 The config module (configs/study/*.py) gives get_config(arg), shared(arg), arms(arg),
-COMPARISONS and SEEDS (moe_jax/study.py). Finished runs are skipped; results.csv,
-results.md and the loss plots are written to the workdir.
+COMPARISONS and SEEDS (moe_jax/study.py). Finished runs are skipped. results.csv,
+shared.csv, results.md and the plots go to `<results_dir>/<finding>/` (the workdir itself
+without --results_dir), and the shared runs' loss curves beside that folder (seed.csv and
+seed.png) as the runs lie beside the workdir. Then `python -m experiments.results_page`.
 """
 import os
 
@@ -12,28 +15,39 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli
-from moe_jax import config_util, runs, study
+from moe_jax import runs, study, study_report, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A study config module.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The finding's directory.", required=True)
 _SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds per arm (0: the module's SEEDS).")
+_RESULTS = flags.DEFINE_string("results_dir", "", "Where the study's results are committed "
+                               "(docs/results/study); '' = the workdir.")
 
 
-def run(config, workdir: str, seeds: int) -> None:
+def run(config, workdir: str, seeds: int, results_dir: str) -> None:
   path, _, arg = flags.FLAGS["config"].config_filename.partition(":")
-  mod = config_util.load_module(path)
-  seeds = seeds or mod.SEEDS
+  finding = study.Finding.load(path, arg or None)
   os.makedirs(workdir, exist_ok=True)
-  rows = study.run_study(config, mod.arms(arg), mod.shared(arg), seeds, workdir, runs.train)
-  for p in study.write_results(rows, mod.COMPARISONS, workdir, os.path.basename(path)[:-3]):
+  rows = study.run_study(config, finding.arms, finding.shared, seeds or finding.seeds,
+                         workdir, runs.train)
+  shared = study.shared_rows(finding.shared, workdir)
+  out_dir = os.path.join(results_dir, finding.name) if results_dir else workdir
+  for p in study_report.write_results(rows, finding, workdir, out_dir, shared):
     print(f"plot: {p}")
-  print(open(os.path.join(workdir, "results.md")).read())
+  if results_dir:
+    for run_ in finding.shared:
+      name = sweep.run_name(run_)
+      target = os.path.normpath(os.path.join(out_dir, name))
+      for p in study_report.write_curve(os.path.normpath(os.path.join(workdir, name)),
+                                        os.path.dirname(target), os.path.basename(target)):
+        print(f"curve: {p}")
+  print(open(os.path.join(out_dir, "results.md")).read())
 
 
 def main(argv):
   del argv
-  cli.main_guard(run, _CONFIG.value, _WORKDIR.value, _SEEDS.value)
+  cli.main_guard(run, _CONFIG.value, _WORKDIR.value, _SEEDS.value, _RESULTS.value)
 
 
 if __name__ == "__main__":

@@ -131,12 +131,12 @@ def strict_json(obj: Any) -> Any:
   return obj
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Strict JSON (non-finite floats as null) written whole or not at all."""
+def write_text_atomic(path: str, text: str) -> None:
+  """A text file written whole or not at all (a temp file, then a rename)."""
   tmp = path + ".tmp"
   try:
     with open(tmp, "w") as f:
-      json.dump(strict_json(obj), f, indent=2, sort_keys=True, allow_nan=False)
+      f.write(text)
     os.replace(tmp, path)
   except BaseException as e:
     with contextlib.suppress(FileNotFoundError):
@@ -144,6 +144,12 @@ def write_json_atomic(path: str, obj: Any) -> None:
     if isinstance(e, OSError) and e.filename is None:  # a failed write names no file
       raise OSError(e.errno, e.strerror, path) from e
     raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Strict JSON (non-finite floats as null) written whole or not at all."""
+  write_text_atomic(path, json.dumps(strict_json(obj), indent=2, sort_keys=True,
+                                     allow_nan=False))
 
 
 def split_items(pure: dict) -> Iterator[tuple[str, dict]]:

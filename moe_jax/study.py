@@ -1,21 +1,25 @@
 """Seeded comparisons: the reproduction study's driver (experiments/study.py).
 
-A study config module (configs/study/*.py) gives the base train config (`get_config(arg)`),
-`arms(arg)`, a generator of named override sets (sweep.py's format, so an arm may start
-from a shared run with `init: "run:<name>"`), `shared(arg)`, the runs that all seeds share
-(a seed model pre-trained once), and COMPARISONS, pairs of arm names (a, b) to report as
-a - b. Every arm runs once per seed s in its own directory `<arm>/s<s>`, with `loop.seed =
-s`: seed s gives every arm the same batches, and scratch models and routers their draw.
-Finished runs are skipped, so an interrupted study resumes where it stopped.
+A study config module (configs/study/*.py, read by `Finding.load`) gives the base train
+config (`get_config(arg)`), `arms(arg)`, a generator of named override sets (sweep.py's
+format, so an arm may start from a shared run with `init: "run:<name>"`), `shared(arg)`,
+the runs that all seeds share (a seed model pre-trained once), COMPARISONS, pairs of arm
+names (a, b) to report as a - b, and SEEDS; for the results page also QUESTION, CLAIM
+(the paper's claim, in words), EXPECTED ({(a, b): "lower" | "higher"}, the sign of a - b
+the paper predicts for held-out loss), FINDING (its number), TITLE and AXIS ((override key, label): the arms' varied
+value, for plots of the final numbers against it). Every arm runs once per seed s in its
+own directory `<arm>/s<s>`, with `loop.seed = s`: seed s gives every arm the same batches,
+and scratch models and routers their draw. Finished runs are skipped, so an interrupted
+study resumes where it stopped.
 
-The results are computed from the runs' files: results.csv (one row per arm and seed),
-results.md (mean ± std over seeds; for each comparison the mean paired difference and its
-standard error), and held-out loss against training tokens and training FLOPs (mean over
-seeds, with a min-max band).
+One row per run (COLUMNS) is read back from the run's files: its steps, tokens, training
+FLOPs, final losses, parameter counts, throughput, training time, and, for an MoE
+upcycled from a dense model, its experts' mean cosine to that model's FFN. The tables,
+plots and the results page are study_report.py's.
 """
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import math
 import os
@@ -24,12 +28,55 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax import metrics, plotting, sweep
+from moe_jax import checkpoint, config_util, metrics, sweep
+from moe_jax.analysis import run as analysis_run
+from moe_jax.analysis import static
 from moe_jax.convert import load
+from moe_jax.models import llama
 from moe_jax.train import flops
 
 SEED_PREFIX = "s"
-COLUMNS = ("arm", "seed", "steps", "tokens", "train_flops", "eval_loss", "loss")
+COLUMNS = ("arm", "seed", "steps", "tokens", "train_flops", "eval_loss", "loss", "params",
+           "active_params", "tokens_per_s", "train_s", "expert_cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+  """One study config module's arms and what its results page says about them."""
+  name: str                                # the module's file name: upcycling, routing, ...
+  number: int                              # its place in the study (FINDING)
+  title: str                               # a few words (TITLE)
+  command: str                             # the command that re-runs it (docstring line 1)
+  question: str
+  claim: str
+  arms: tuple[dict[str, Any], ...]
+  shared: tuple[dict[str, Any], ...]
+  comparisons: tuple[tuple[str, str], ...]
+  expected: dict[tuple[str, str], str]
+  axis: tuple[str, str] | None
+  seeds: int
+
+  @classmethod
+  def load(cls, path: str, arg: str | None = None) -> "Finding":
+    mod = config_util.load_module(path)
+    expected = dict(getattr(mod, "EXPECTED", {}))
+    for pair, sign in expected.items():
+      if pair not in mod.COMPARISONS or sign not in ("lower", "higher"):
+        raise ValueError(f"{path}: EXPECTED[{pair}]={sign!r}: expected 'lower' or 'higher' "
+                         "for a pair in COMPARISONS")
+    return cls(name=os.path.basename(path)[:-3], number=getattr(mod, "FINDING", 0),
+               title=getattr(mod, "TITLE", os.path.basename(path)[:-3]),
+               command=(mod.__doc__ or "").strip().splitlines()[0],
+               question=getattr(mod, "QUESTION", ""), claim=getattr(mod, "CLAIM", ""),
+               arms=tuple(mod.arms(arg)), shared=tuple(mod.shared(arg)),
+               comparisons=tuple(mod.COMPARISONS), expected=expected,
+               axis=getattr(mod, "AXIS", None), seeds=mod.SEEDS)
+
+  def axis_values(self) -> dict[str, Any]:
+    """{arm: its value of AXIS's key, or its name where it sets none} ({} without AXIS)."""
+    if not self.axis:
+      return {}
+    return {a[sweep.NAME]: a.get(self.axis[0], a[sweep.NAME]) for a in self.arms}
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -66,17 +113,53 @@ def run_study(base, arms, shared, seeds: int, workdir: str, train_fn: Callable) 
           for a in arms for s in range(seeds)]
 
 
+def shared_rows(shared: Iterable[dict[str, Any]], workdir: str) -> list[dict]:
+  """The rows of the shared runs (seed -1), for the compute they took."""
+  rows = []
+  for run in shared:
+    name = sweep.run_name(run)
+    rows.append(run_row(os.path.normpath(os.path.join(workdir, name)),
+                        os.path.basename(os.path.normpath(name)), -1))
+  return rows
+
+
+def throughput(rows: list[dict[str, Any]], tokens_per_step: float) -> tuple[float, float]:
+  """(median tokens/s, seconds of training) from a run's logged windows. The first window
+  (the compile) is left out of the median but counted in the time; evaluation is not."""
+  prev, tps, seconds = 0, [], 0.0
+  for r in rows:
+    if r.get("tokens_per_s"):
+      tps.append(r["tokens_per_s"])
+      seconds += (r["step"] - prev) * tokens_per_step / r["tokens_per_s"]
+    prev = r["step"]
+  return float(np.median(tps[1:] if len(tps) > 1 else tps)) if tps else math.nan, seconds
+
+
+def expert_cosine(src: load.Source) -> float:
+  """The experts' mean cosine to the FFN of the dense model they were upcycled from,
+  averaged over the MoE layers; NaN for a dense run or an MoE with no dense origin."""
+  ref_path = analysis_run.reference_from_provenance(src.meta) if src.is_moe else None
+  if ref_path is None:
+    return math.nan
+  ref = load.open_source(ref_path)
+  return float(np.mean([static.expert_cosine_to_base(src.layer(i), ref.layer(i))
+                        for i in src.cfg.moe_layer_ids]))
+
+
 def run_row(run_dir: str, arm: str, seed: int) -> dict[str, Any]:
-  """One finished run's row: its steps, training tokens and FLOPs, and final losses."""
+  """One finished run's row (COLUMNS)."""
   with open(os.path.join(run_dir, "final.json")) as f:
     final = json.load(f)
   src = load.open_source(run_dir)
   loop = src.meta["provenance"]["train_config"]["loop"]
   steps, tokens = int(src.meta["step"]), int(src.meta["tokens_seen"])
-  per_token = flops.train_flops_per_token(src.cfg, loop["seq_len"])
+  tps, seconds = throughput(metrics.read(run_dir), tokens / steps)
   return {"arm": arm, "seed": seed, "steps": steps, "tokens": tokens,
-          "train_flops": per_token * tokens, "eval_loss": final.get("eval_loss"),
-          "loss": final.get("loss")}
+          "train_flops": flops.train_flops_per_token(src.cfg, loop["seq_len"]) * tokens,
+          "eval_loss": final.get("eval_loss"), "loss": final.get("loss"),
+          "params": checkpoint.param_count(llama.abstract(src.cfg)),
+          "active_params": flops.active_params_per_token(src.cfg), "tokens_per_s": tps,
+          "train_s": seconds, "expert_cosine": expert_cosine(src)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -95,81 +178,3 @@ def paired_difference(rows: list[dict], a: str, b: str, key: str = "eval_loss") 
   mean, std = mean_std(d)
   return {"a": a, "b": b, "n": len(d), "diff": mean,
           "se": std / math.sqrt(len(d)) if len(d) > 1 else float("nan")}
-
-
-def write_results(rows: list[dict], comparisons: Iterable[tuple[str, str]], workdir: str,
-                  title: str) -> list[str]:
-  """results.csv, results.md, and the loss plots of the runs below `workdir`."""
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
-  arms = list(dict.fromkeys(r["arm"] for r in rows))
-  lines = [f"# {title}", "", "| arm | seeds | held-out loss (mean ± std) | training loss | "
-           "tokens | training FLOPs |", "|---|---|---|---|---|---|"]
-  for arm in arms:
-    mine = [r for r in rows if r["arm"] == arm]
-    ev, tr = mean_std([r["eval_loss"] for r in mine]), mean_std([r["loss"] for r in mine])
-    lines.append(f"| {arm} | {len(mine)} | {ev[0]:.4f} ± {ev[1]:.4f} | {tr[0]:.4f} ± "
-                 f"{tr[1]:.4f} | {mine[0]['tokens']:.3g} | {mine[0]['train_flops']:.3g} |")
-  lines += ["", "| comparison | seeds | held-out loss difference (mean ± SE) |", "|---|---|---|"]
-  for a, b in comparisons:
-    d = paired_difference(rows, a, b)
-    lines.append(f"| {a} - {b} | {d['n']} | {d['diff']:+.4f} ± {d['se']:.2g} |")
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  return plot_curves(rows, workdir, title)
-
-
-def _mean_curve(run_dirs: list[str]) -> tuple[np.ndarray, ...]:
-  """(steps, mean, min, max) of the held-out loss over the runs, at the steps all logged."""
-  curves = [metrics.curve(metrics.read(d), "eval_loss") for d in run_dirs]
-  steps = sorted(set.intersection(*(set(s.tolist()) for s, _ in curves)))
-  ys = np.array([[dict(zip(s.tolist(), v))[t] for t in steps] for s, v in curves])
-  return np.asarray(steps), ys.mean(0), ys.min(0), ys.max(0)
-
-
-def plot_curves(rows: list[dict], workdir: str, title: str) -> list[str]:
-  """Held-out loss against training tokens and against training FLOPs, one curve per arm
-  (mean over its seeds) with a band from the lowest to the highest seed."""
-  by_arm: dict[str, list[dict]] = {}
-  for r in rows:
-    by_arm.setdefault(r["arm"], []).append(r)
-  curves = {arm: _mean_curve([os.path.join(workdir, run_name(arm, r["seed"])) for r in mine])
-            for arm, mine in by_arm.items()}
-  paths = []
-  for key, label in (("tokens", "training tokens"), ("train_flops", "training FLOPs")):
-    fig, ax = plotting.subplots(figsize=(7, 4.2), layout="constrained")
-    for arm, (steps, mean, lo, hi) in curves.items():
-      first = by_arm[arm][0]
-      x = steps * (first[key] / first["steps"])  # the same per step for every seed
-      ax.plot(x, mean, "o-", ms=3, label=f"{arm} ({len(by_arm[arm])} seeds)")
-      ax.fill_between(x, lo, hi, alpha=0.2)
-    ax.set(xlabel=label, ylabel="held-out loss", title=title)
-    ax.legend(fontsize=8)
-    path = os.path.join(workdir, f"loss_vs_{key}.png")
-    fig.savefig(path, dpi=110)
-    paths.append(path)
-  return paths
-
-
-def write_curve(run_dir: str, out_dir: str, name: str) -> list[str]:
-  """One run's loss curve as results to commit (the checkpoints are not): <name>.csv
-  (step, tokens, training and held-out loss) and <name>.png."""
-  rows = metrics.read(run_dir)
-  tokens_per_step = run_row(run_dir, name, 0)["tokens"] / max(r["step"] for r in rows)
-  os.makedirs(out_dir, exist_ok=True)
-  csv_path, png_path = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("csv", "png"))
-  with open(csv_path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["step", "tokens", "loss", "eval_loss"])
-    for r in rows:
-      w.writerow([r["step"], int(r["step"] * tokens_per_step), r.get("loss"), r.get("eval_loss")])
-  fig, ax = plotting.subplots(figsize=(7, 4.2), layout="constrained")
-  for key, style in (("loss", "-"), ("eval_loss", "o-")):
-    steps, values = metrics.curve(rows, key)
-    ax.plot(steps * tokens_per_step, values, style, ms=3, label=key.replace("_", " "))
-  ax.set(xlabel="training tokens", ylabel="loss", title=name)
-  ax.legend()
-  fig.savefig(png_path, dpi=110)
-  return [csv_path, png_path]

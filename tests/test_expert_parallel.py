@@ -4,9 +4,11 @@ and fsdp axes grow; checkpoints move between meshes; bad meshes fail before comp
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import batches
 
@@ -14,7 +16,7 @@ from moe_jax import checkpoint, runs, sharding
 from moe_jax.config import ModelConfig
 from moe_jax.data import pipeline
 from moe_jax.models import llama
-from moe_jax.moe import expert_parallel
+from moe_jax.moe import expert_parallel, layer
 from moe_jax.moe.config import MoeConfig
 from moe_jax.train import checkpoints as train_ckpt, loop, optim, step
 
@@ -173,3 +175,40 @@ def test_bad_mesh_fails_before_compiling(tmp_path, monkeypatch, overrides, msg):
     runs.train(config, str(tmp_path / "run"))
   assert msg in str(e.value) and "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("backend", ["pallas", "dropless", "capacity"])
+def test_expert_parallel_dispatch_equals_one_device(backend, monkeypatch):
+  """moe_forward under mesh expert=4 (4 of the fake devices) against one device with
+  the same backend, outputs, router statistics and gradients. Under expert parallelism
+  `pallas` runs the Pallas grouped matmul on each shard's local experts."""
+  from moe_jax.moe import pallas_backend  # pylint: disable=g-import-not-at-top
+  local = []
+  real = pallas_backend.grouped_rows
+  monkeypatch.setattr(pallas_backend, "grouped_rows", lambda *a: local.append(1) or real(*a))
+  e, k, t, d, f = 8, 2, 24, 8, 6
+  cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=f, backend=backend, capacity_factor=4.0)
+  keys = jax.random.split(jax.random.key(5), 5)
+  x = jax.random.normal(keys[0], (t, d))
+  params = (jax.random.normal(keys[1], (d, e)), *(0.3 * jax.random.normal(kk, s) for kk, s in
+            zip(keys[2:], [(e, d, f), (e, d, f), (e, f, d)])))
+
+  def loss(x, *p):
+    y, stats = layer.moe_forward(x, *p, cfg)
+    return jnp.sum(jnp.sin(y)) + stats["aux_loss"] + stats["z_loss"], (y, stats)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
+  (want_loss, (want_y, want_stats)), want_g = grad(x, *params)
+  mesh = jax.make_mesh((4,), ("expert",), devices=jax.devices()[:4])
+  put = lambda a, *spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, P(*spec)))
+  sharded = (put(x, "expert"), put(params[0]), *(put(w, "expert") for w in params[1:]))
+  with jax.set_mesh(mesh):
+    assert expert_parallel.enabled(t)
+    (got_loss, (got_y, got_stats)), got_g = grad(*sharded)
+  assert bool(local) == (backend == "pallas")  # the kernels ran on the local experts
+  np.testing.assert_allclose(got_loss, want_loss, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got_y, want_y, atol=1e-5, rtol=1e-5)
+  for key in ("aux_loss", "z_loss", "load_E", "probs_E", "router_entropy"):
+    np.testing.assert_allclose(got_stats[key], want_stats[key], atol=1e-6, rtol=1e-6)
+  for a, b in zip(got_g, want_g):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

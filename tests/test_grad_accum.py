@@ -54,11 +54,14 @@ def test_microbatch_gradients_equal_the_big_batch(accum=4):
 
 
 def test_train_steps_with_accumulation_equal_the_big_batch():
-  """Two optimiser steps (AdamW divides by the gradient's scale, so a rounding-level
-  gradient difference on a near-zero entry can grow; two steps stay within 1e-6)."""
+  """Two optimiser steps. AdamW divides by the gradient's scale, so a rounding-level
+  difference on a near-zero gradient entry grows into its update: the params agree within
+  1e-5, a thousandth of one step at lr 1e-2 (2.0e-6 measured on one CPU, under 1e-6 on
+  another); the gradients themselves agree within 1e-6 (the test above)."""
   want_params, want = _step(1)
   got_params, got = _step(2)
-  jax.tree.map(_close, got_params, want_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-6),
+               got_params, want_params)
   for g, w in zip(got, want):
     for key in ("loss", "grad_norm"):
       _close(g[key], w[key])

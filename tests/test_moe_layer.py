@@ -71,11 +71,14 @@ def test_capacity_never_exceeded_and_drops_contribute_nothing(t, e, k, cf, polic
   x = jax.random.normal(jax.random.key(seed + 1), (t, 6))
   r = jax.jit(routers.route, static_argnums=1)(x @ router, cfg)
   c = dispatch.capacity(t, cfg)
-  slots, keep, _, _ = jax.jit(dispatch._capacity_slots, static_argnums=2)(x, r, cfg)
-  kept_per_expert = np.bincount(np.asarray(slots.expert_N)[np.asarray(keep)], minlength=e)
+  layout, _, c2 = jax.jit(dispatch.capacity_layout, static_argnums=1)(r, cfg)
+  dest, keep = np.asarray(layout.dest_N), np.asarray(layout.dest_N) < e * c
+  assert c2 == c and len(set(dest[keep].tolist())) == keep.sum()  # one slot per assignment
+  kept_per_expert = np.bincount(dest[keep] // c, minlength=e)
   assert kept_per_expert.max() <= c
+  assert (dest[keep] // c == np.asarray(r.experts_TxK).reshape(-1)[np.asarray(layout.order_N)][keep]).all()
   keep_TxK = np.zeros(t * k, bool)
-  keep_TxK[np.asarray(slots.order_N)] = np.asarray(keep)
+  keep_TxK[np.asarray(layout.order_N)] = keep
   keep_TxK = keep_TxK.reshape(t, k)
   if policy == "probability":  # a dropped assignment never outweighs a kept one of its expert
     w, idx = np.asarray(r.weights_TxK), np.asarray(r.experts_TxK)

@@ -1,5 +1,6 @@
-"""The study driver (moe_jax/study.py): seeded runs, paired differences with standard
-errors, and a miniature of every configs/study module (CI keeps each finding runnable)."""
+"""The study driver (moe_jax/study.py) and its report (study_report.py): seeded runs,
+paired differences with standard errors and their verdicts, the results page, and a
+miniature of every configs/study module (CI keeps each finding runnable)."""
 import csv
 import glob
 import os
@@ -7,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from moe_jax import config_util, runs, study
+from moe_jax import config_util, runs, study, study_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "study", "*.py"))
@@ -51,24 +52,91 @@ def study_root(tmp_path_factory):
 
 @pytest.mark.parametrize("path", STUDIES, ids=[os.path.basename(p) for p in STUDIES])
 def test_every_study_config_runs_its_miniature_and_resumes(path, study_root):
-  mod = config_util.load_module(path)
+  finding = study.Finding.load(path, "runlocal")
+  assert finding.number > 0 and finding.question and finding.claim
   trained = []
 
   def train(config, workdir):
     trained.append(workdir)
     return runs.train(config, workdir)
 
-  workdir = str(study_root / os.path.basename(path)[:-3])
-  go = lambda: study.run_study(mod.get_config("runlocal"), mod.arms("runlocal"),
-                               mod.shared("runlocal"), 1, workdir, train)
+  workdir = str(study_root / finding.name)
+  base = config_util.load_module(path).get_config("runlocal")
+  go = lambda: study.run_study(base, finding.arms, finding.shared, 1, workdir, train)
   rows = go()
-  arms = [a["name"] for a in mod.arms("runlocal")]
+  arms = [a["name"] for a in finding.arms]
   assert [r["arm"] for r in rows] == arms and all(r["eval_loss"] > 0 for r in rows)
-  plots = study.write_results(rows, mod.COMPARISONS, workdir, "mini")
-  assert [os.path.basename(p) for p in plots] == ["loss_vs_tokens.png", "loss_vs_train_flops.png"]
-  with open(os.path.join(workdir, "results.csv")) as f:
-    assert len(list(csv.DictReader(f))) == len(arms)
-  md = open(os.path.join(workdir, "results.md")).read()
-  assert all(f"| {a} - {b} | 1 |" in md for a, b in mod.COMPARISONS)
+  assert all(r["tokens_per_s"] > 0 and r["train_s"] > 0 for r in rows)
+  shared = study.shared_rows(finding.shared, workdir)
+  out_dir = str(study_root / "results" / finding.name)
+  plots = study_report.write_results(rows, finding, workdir, out_dir, shared)
+  assert [os.path.basename(p) for p in plots[:2]] == ["loss_vs_tokens.png",
+                                                     "loss_vs_train_flops.png"]
+  assert len(plots) == 2 + bool(finding.axis) and all(os.path.getsize(p) for p in plots)
+  back = study_report.read_csv(os.path.join(out_dir, "results.csv"))
+  assert [r["arm"] for r in back] == arms
+  assert back[0]["eval_loss"] == pytest.approx(rows[0]["eval_loss"])
+  md = open(os.path.join(out_dir, "results.md")).read()
+  assert all(f"| {a} - {b} | 1 |" in md for a, b in finding.comparisons)
   n = len(trained)
   assert go() == rows and len(trained) == n  # finished runs are skipped
+  page = study_report.render_page([finding], str(study_root / "results"), str(study_root))
+  assert f"## {finding.number}. {finding.title}" in page and "one seed: no standard error" in page
+
+
+def test_upcycled_experts_are_compared_with_the_seed(study_root):
+  """expert_cosine reads the seed back from the provenance: a copy upcycle after two steps
+  at a small LR is still close to 1, a dense run and a scratch MoE have none (NaN)."""
+  path = os.path.join(ROOT, "configs", "study", "upcycling.py")
+  finding = study.Finding.load(path, "runlocal")  # its miniature's runs, trained if missing
+  rows = {r["arm"]: r for r in study.run_study(
+      config_util.load_module(path).get_config("runlocal"), finding.arms, finding.shared, 1,
+      str(study_root / finding.name), runs.train)}
+  assert 0.9 < rows["upcycled"]["expert_cosine"] <= 1.0
+  assert np.isnan(rows["dense"]["expert_cosine"]) and np.isnan(rows["scratch_moe"]["expert_cosine"])
+  assert rows["upcycled"]["params"] > rows["dense"]["params"]
+  assert rows["upcycled"]["active_params"] < rows["upcycled"]["params"]
+
+
+def _rows(values):
+  return [{"arm": arm, "seed": s, "eval_loss": v, "expert_cosine": c}
+          for arm, vs, c in values for s, v in enumerate(vs)]
+
+
+def test_verdicts_name_noise_reproduction_and_the_opposite():
+  rows = _rows([("a", [3.0, 3.1, 3.2], 0.9), ("b", [3.5, 3.6, 3.7], 0.8),
+                ("c", [3.1, 3.0, 3.3], 0.9)])
+  d = study.paired_difference(rows, "a", "b")   # -0.5 every seed: se 0
+  assert study_report.verdict(d, "lower").endswith(": reproduces")
+  assert study_report.verdict(d, "higher").endswith(": the opposite of the claim")
+  assert "lower than b" in study_report.verdict(d)
+  noisy = study.paired_difference(rows, "a", "c")  # -0.1, +0.1, -0.1: within 2 SE
+  assert study_report.verdict(noisy, "lower").startswith("within noise")
+  one = study.paired_difference(rows[:1] + rows[3:4], "a", "b")
+  assert study_report.verdict(one) == "one seed: no standard error, no verdict"
+  table = study_report.comparison_table(rows, [("a", "b")], {("a", "b"): "lower"})
+  assert table[-1] == "| a - b | 3 | -0.5000 ± 0 | a lower | a is lower than b by inf SE: reproduces |"
+
+
+def test_trends_find_the_best_arm_and_rank_correlations():
+  rows = _rows([("lr1", [3.3, 3.4], 0.99), ("lr2", [3.1, 3.2], 0.95), ("lr3", [3.2, 3.3], 0.90)])
+  out = study_report.trends(rows, {"lr1": 1e-4, "lr2": 1e-3, "lr3": 1e-2}, "lr")
+  assert out[0].startswith("lowest mean held-out loss: lr2 (lr = 0.001, 3.1500 ± 0.0707)")
+  assert out[1].endswith("Spearman rank correlation -0.50 over the 3 arm means")
+  assert out[2].startswith("expert cosine to the seed against lr: Spearman rank correlation -1.00")
+
+
+def test_expected_signs_must_name_a_comparison(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("COMPARISONS = (('a', 'b'),)\nEXPECTED = {('b', 'a'): 'lower'}\nSEEDS = 1\n"
+                  "def arms(arg=None):\n  yield {'name': 'a'}\n"
+                  "def shared(arg=None):\n  return ()\n")
+  with pytest.raises(ValueError, match=r"bad.py: EXPECTED\[\('b', 'a'\)\]='lower'"):
+    study.Finding.load(str(path))
+
+
+def test_the_results_page_lists_a_finding_not_run_with_its_command(tmp_path):
+  finding = study.Finding.load(os.path.join(ROOT, "configs", "study", "routing.py"))
+  page = study_report.render_page([finding], str(tmp_path), str(tmp_path))
+  assert f"**Not run yet.** Run: `{finding.command} --results_dir={tmp_path}`." in page
+  assert "## The seed model" in page and "Not trained yet" in page

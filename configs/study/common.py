@@ -9,7 +9,11 @@ trained once and every finding starts from the same checkpoint. `runlocal` shrin
 import ml_collections
 
 from configs import train
+from moe_jax import tokenizer
+from moe_jax.config import ModelConfig
 from moe_jax.config_util import parse_arg
+from moe_jax.train import flops
+from moe_jax.upcycle import convert, methods
 
 SEED = "../seed"  # the shared run's directory, relative to a finding's workdir
 
@@ -63,3 +67,14 @@ def finding_config(a: ml_collections.ConfigDict, experts: int = 8,
 def shared(a: ml_collections.ConfigDict):
   """The runs every seed of a finding shares: the seed model."""
   yield seed_run(a.runlocal)
+
+
+def flops_ratio(c: ml_collections.ConfigDict, method: str = "copy") -> float:
+  """Training FLOPs per token of the MoE that config `c`'s upcycle section makes of the
+  seed by `method`, over the dense seed's (the vocabulary taken at its requested size)."""
+  shape = c.scratch.to_dict()
+  dense = ModelConfig(vocab_size=tokenizer.bpe_vocab_size(shape.pop("tokenizer")), **shape)
+  moe = convert.moe_model_config(dense, methods.UpcycleSpec(**{**c.upcycle, "method": method}), c.layers,
+                                 **c.moe.to_dict())
+  seq = c.loop.seq_len
+  return flops.train_flops_per_token(moe, seq) / flops.train_flops_per_token(dense, seq)

@@ -6,6 +6,16 @@ Arguments: steps, runlocal.
 """
 from configs.study import common
 
+FINDING = 7
+TITLE = "Initialisation: copy, drop, noise and partition"
+QUESTION = ("Does re-initialising half of each expert's neurons (Drop-Upcycling, r = 0.5) "
+            "train to a lower loss than copying the FFN into every expert, and how do noise "
+            "and neuron partitioning compare?")
+CLAIM = ("Drop-Upcycling (Nakamura et al., ICLR 2025): r = 0.5 was best, and drop beats naive "
+         "(copy) upcycling in long training because the experts diversify; copy is ahead "
+         "early. Noise and partition are this framework's other initialisations (no claim).")
+EXPECTED = {("drop", "copy"): "lower"}
+
 COMPARISONS = (("drop", "copy"), ("noise", "copy"), ("partition", "copy"))
 SEEDS = 3
 

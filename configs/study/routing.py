@@ -7,6 +7,15 @@ topK-then-softmax converges faster. Arguments: steps, runlocal.
 """
 from configs.study import common
 
+FINDING = 2
+TITLE = "Routing order: softmax-then-topK against topK-then-softmax"
+QUESTION = ("Which routing order trains the copy-upcycled seed (8 experts, top-2) to the "
+            "lower held-out loss on the same tokens?")
+CLAIM = ("Nemotron-4 upcycling (15B): softmax-then-topK is better than topK-then-softmax. "
+         "\"Llama 3 Meets MoE\" (arXiv 2412.09952): topK-then-softmax starts lower and "
+         "converges faster (a curve, no number). The expected sign below is Nemotron's.")
+EXPECTED = {("softmax_topk", "topk_softmax"): "lower"}
+
 COMPARISONS = (("softmax_topk", "topk_softmax"),)
 SEEDS = 3
 

@@ -105,6 +105,16 @@ def _to_base(layer, ref_layer, stacks, shards) -> dict[str, dict[str, Any]]:
   return out
 
 
+def expert_cosine_to_base(layer: dict[tuple, np.ndarray],
+                          ref_layer: dict[tuple, np.ndarray]) -> float:
+  """The mean cosine of every expert matrix (gate, up, down) to its shard of the
+  reference FFN: 1 for copied experts, lower the further training (or the init) moved."""
+  stacks = expert_stacks(layer)
+  shards = matched_shards(stacks, reference_ffn(ref_layer))
+  return float(np.mean([distance.to_base(stacks[m][i], shards[m][i])["cosine"]
+                        for m in MATS for i in range(len(stacks[m]))]))
+
+
 def _pca(stacks, shards, ex_ExFxP) -> dict[str, Any]:
   """2-D PCA of the experts (one point per expert matrix, the reference LAST when known)
   and of all experts' neurons (labelled by expert)."""

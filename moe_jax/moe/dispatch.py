@@ -2,7 +2,11 @@
 
 Every backend has the signature
   fn(x_TxD, routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, cfg) -> (y_TxD, dropped_fraction)
-and is registered in BACKENDS by name (the Pallas backend plugs in the same way).
+and is registered in BACKENDS by name (the Pallas backend plugs in the same way). Each is
+three steps: a layout (`Layout`: each assignment's row in a buffer, and its weight), the
+experts on that buffer, and the combine back to tokens. Expert parallelism
+(expert_parallel.py) reuses the layouts and combine and puts its all_to_all pair between
+the layout and the experts.
 
 - `capacity`: C = ceil(T*k/E * capacity_factor) slots per expert; assignments beyond C
   are dropped by probability or by position. Sort-based gather into an [E, C, D] buffer
@@ -63,47 +67,68 @@ def sort_slots(routing: Routing, num_experts: int, priority_N: jax.Array | None 
   return Slots(order.astype(jnp.int32), expert_sorted, rank, sizes)
 
 
-def _capacity_slots(x_TxD, routing, cfg):
+class Layout(NamedTuple):
+  """Where each routed assignment (sorted by expert) goes in a [rows, D] buffer, and how
+  its result comes back: the layout step every backend and expert parallelism share."""
+  order_N: jax.Array    # the assignment (t * K + k) of each sorted position
+  dest_N: jax.Array     # its row in the buffer; `rows` (one past the end) = dropped
+  weight_N: jax.Array   # its combine weight, 0 where dropped
+  rows: int             # buffer rows (static)
+  k: int                # assignments per token (static)
+
+  @property
+  def token_N(self) -> jax.Array:
+    return self.order_N // self.k
+
+
+def gather(x_TxD: jax.Array, layout: Layout) -> jax.Array:
+  """[rows, D]: each assignment's token row at its destination; unused rows are zero."""
+  buf = jnp.zeros((layout.rows + 1, x_TxD.shape[1]), x_TxD.dtype)
+  return buf.at[layout.dest_N].set(x_TxD[layout.token_N])[:-1]
+
+
+def combine(y_RxD: jax.Array, layout: Layout, num_tokens: int, weighted: bool = True) -> jax.Array:
+  """[T, D]: the sum over each token's assignments of its buffer row (times its weight)."""
+  y = jnp.concatenate([y_RxD, jnp.zeros((1, y_RxD.shape[1]), y_RxD.dtype)])[layout.dest_N]
+  if weighted:
+    y = y * layout.weight_N.astype(y.dtype)[:, None]
+  return jnp.zeros((num_tokens, y_RxD.shape[1]), y.dtype).at[layout.token_N].add(y)
+
+
+def capacity_layout(routing, cfg) -> tuple[Layout, jax.Array, int]:
+  """(layout into [E * C] rows, expert-major, kept fraction, C): C slots per expert,
+  assignments beyond C dropped by probability or by position (cfg.drop_policy)."""
   t, k = routing.experts_TxK.shape
-  c = capacity(t, cfg)
-  priority = None
-  if cfg.drop_policy == "probability":
-    priority = -routing.weights_TxK.reshape(-1)
-  slots = sort_slots(routing, cfg.num_experts, priority)
+  c, e = capacity(t, cfg), cfg.num_experts
+  priority = -routing.weights_TxK.reshape(-1) if cfg.drop_policy == "probability" else None
+  slots = sort_slots(routing, e, priority)
   keep = slots.rank_N < c
-  return slots, keep, c, k
+  dest = jnp.where(keep, slots.expert_N * c + slots.rank_N, e * c)
+  weight = routing.weights_TxK.reshape(-1)[slots.order_N] * keep
+  return Layout(slots.order_N, dest, weight, e * c, k), keep.mean(), c
 
 
 def capacity_gather(x_TxD, routing, w_gate, w_up, w_down, cfg):
   """Capacity dispatch by sort + gather into [E, C, D]; dropped assignments add nothing."""
   t, d = x_TxD.shape
-  slots, keep, c, k = _capacity_slots(x_TxD, routing, cfg)
-  e = cfg.num_experts
-  dest = jnp.where(keep, slots.expert_N * c + slots.rank_N, e * c)  # e*c = trash row
-  token = slots.order_N // k
-  buf = jnp.zeros((e * c + 1, d), x_TxD.dtype).at[dest].set(x_TxD[token])
-  y = swiglu_experts(buf[:-1].reshape(e, c, d), w_gate, w_up, w_down).reshape(e * c, d)
-  y = jnp.concatenate([y, jnp.zeros((1, d), y.dtype)])
-  w = (routing.weights_TxK.reshape(-1)[slots.order_N] * keep).astype(y.dtype)
-  out = jnp.zeros((t, d), y.dtype).at[token].add(y[dest] * w[:, None])
-  return out, 1.0 - keep.mean()
+  layout, kept, c = capacity_layout(routing, cfg)
+  x_ExCxD = gather(x_TxD, layout).reshape(cfg.num_experts, c, d)
+  y_ExCxD = swiglu_experts(x_ExCxD, w_gate, w_up, w_down)
+  return combine(y_ExCxD.reshape(-1, d), layout, t), 1.0 - kept
 
 
 def capacity_einsum(x_TxD, routing, w_gate, w_up, w_down, cfg):
   """Capacity dispatch with one-hot [T, E, C] dispatch and combine tensors."""
   t, _ = x_TxD.shape
-  slots, keep, c, k = _capacity_slots(x_TxD, routing, cfg)
-  e = cfg.num_experts
-  rank_N = jnp.zeros_like(slots.rank_N).at[slots.order_N].set(slots.rank_N)
-  keep_N = jnp.zeros_like(keep).at[slots.order_N].set(keep)
-  onehot = (jax.nn.one_hot(routing.experts_TxK.reshape(-1), e)[:, :, None]
-            * jax.nn.one_hot(rank_N, c)[:, None, :] * keep_N[:, None, None])  # [N, E, C]
-  dispatch_TxExC = onehot.reshape(t, k, e, c).sum(axis=1).astype(x_TxD.dtype)
-  combine_TxExC = (onehot.reshape(t, k, e, c)
-                   * routing.weights_TxK[:, :, None, None]).sum(axis=1).astype(x_TxD.dtype)
+  k, e = routing.experts_TxK.shape[1], cfg.num_experts
+  layout, kept, c = capacity_layout(routing, cfg)
+  dest_N = jnp.zeros_like(layout.dest_N).at[layout.order_N].set(layout.dest_N)  # token order
+  onehot = jax.nn.one_hot(dest_N, e * c).reshape(t, k, e, c)  # a dropped one (e*c): zeros
+  dispatch_TxExC = onehot.sum(axis=1).astype(x_TxD.dtype)
+  combine_TxExC = (onehot * routing.weights_TxK[:, :, None, None]).sum(axis=1).astype(x_TxD.dtype)
   x_ExCxD = jnp.einsum("tec,td->ecd", dispatch_TxExC, x_TxD)
   y_ExCxD = swiglu_experts(x_ExCxD, w_gate, w_up, w_down)
-  return jnp.einsum("tec,ecd->td", combine_TxExC, y_ExCxD), 1.0 - keep.mean()
+  return jnp.einsum("tec,ecd->td", combine_TxExC, y_ExCxD), 1.0 - kept
 
 
 # ---------------------------------------------------------------- dropless, CPU fast path
@@ -199,22 +224,48 @@ def _block_ffn_vjp_bwd(block, res, dy):
 block_ffn.defvjp(_block_ffn_vjp_fwd, _block_ffn_vjp_bwd)
 
 
+def dropless_layout(slots: Slots, weight_N: jax.Array, num_experts: int, k: int,
+                    block: int) -> tuple[Layout, Blocks]:
+  """(layout into expert groups padded to whole blocks of `block` rows, the blocks)."""
+  n = slots.order_N.shape[0]
+  num_blocks = -(-(n + num_experts * (block - 1)) // block)  # static bound on occupied blocks
+  blocks = block_layout(slots, num_experts, block, num_blocks)
+  return Layout(slots.order_N, blocks.dest_N, weight_N, num_blocks * block, k), blocks
+
+
 def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 512):
-  """No token dropped: expert-sorted, block-padded groups through `block_ffn`."""
-  t, d = x_TxD.shape
-  k, e = routing.experts_TxK.shape[1], cfg.num_experts
-  n = t * k
-  block = block_size(n, e, max_block)
-  num_blocks = -(-(n + e * (block - 1)) // block)  # static bound on occupied blocks
+  """No token dropped: expert-sorted, block-padded groups through `block_ffn`, which
+  applies the routing weights itself (so the combine is unweighted)."""
+  t, k = routing.experts_TxK.shape
+  e = cfg.num_experts
   slots = sort_slots(routing, e)
-  blocks = block_layout(slots, e, block, num_blocks)
-  token = slots.order_N // k
-  buf = jnp.zeros((num_blocks * block, d), x_TxD.dtype).at[blocks.dest_N].set(x_TxD[token])
-  w = routing.weights_TxK.reshape(-1)[slots.order_N].astype(x_TxD.dtype)
-  w_rows = jnp.zeros((num_blocks * block,), x_TxD.dtype).at[blocks.dest_N].set(w)
-  y = block_ffn(buf, w_rows, w_gate, w_up, w_down, blocks.block_expert, blocks.n_blocks, block)
-  out = jnp.zeros((t, d), y.dtype).at[token].add(y[blocks.dest_N])
-  return out, jnp.float32(0.0)
+  weight_N = routing.weights_TxK.reshape(-1)[slots.order_N].astype(x_TxD.dtype)
+  block = block_size(t * k, e, max_block)
+  layout, blocks = dropless_layout(slots, weight_N, e, k, block)
+  w_rows = jnp.zeros((layout.rows,), x_TxD.dtype).at[layout.dest_N].set(weight_N)
+  y = block_ffn(gather(x_TxD, layout), w_rows, w_gate, w_up, w_down, blocks.block_expert,
+                blocks.n_blocks, block)
+  return combine(y, layout, t, weighted=False), jnp.float32(0.0)
+
+
+def grouped_rows(x_MxD, expert_M, w_gate, w_up, w_down, backend: str, rows_hint: int):
+  """[M, D]: row m through expert expert_M[m] (unweighted); rows with expert_M == E (one
+  past the last expert) are padding, never computed, and come back zero. The local expert
+  step of expert parallelism: `block_ffn` for every dropless backend, the Pallas grouped
+  matmul for `pallas`. `rows_hint` (the real rows expected) sets the block size."""
+  m, e = x_MxD.shape[0], w_gate.shape[0]
+  if resolve_backend(backend) == "pallas":
+    from moe_jax.moe import pallas_backend  # pylint: disable=g-import-not-at-top
+    return pallas_backend.grouped_rows(x_MxD, expert_M, w_gate, w_up, w_down)
+  routing = Routing(jnp.ones((m, 1), x_MxD.dtype), expert_M[:, None], None)
+  slots = sort_slots(routing, e + 1)  # the padding is the last group
+  block = block_size(rows_hint, e)
+  layout, blocks = dropless_layout(slots, routing.weights_TxK[:, 0], e + 1, 1, block)
+  n_blocks = jnp.sum((slots.sizes_E[:e] + block - 1) // block).astype(jnp.int32)
+  ones = jnp.zeros((layout.rows,), x_MxD.dtype).at[layout.dest_N].set(1.0)
+  y = block_ffn(gather(x_MxD, layout), ones, w_gate, w_up, w_down,
+                jnp.minimum(blocks.block_expert, e - 1), n_blocks, block)
+  return combine(y, layout, m, weighted=False)
 
 
 def ragged(x_TxD, routing, w_gate, w_up, w_down, cfg):

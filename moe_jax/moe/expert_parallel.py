@@ -14,11 +14,16 @@ Backends:
   the shard's tokens would drop. Equal to the single-device result whenever nothing drops
   (e.g. capacity_factor >= E/k); with drops, which assignments survive depends on the
   split of the batch (per-shard instead of global ranking).
-- every dropless backend (`dropless`, `ragged`, and any other): a padded all_to_all, one
+- every dropless backend (`dropless`, `ragged`, `pallas`): a padded all_to_all, one
   buffer of R = T * min(k, E/n) rows per destination shard (the most one shard can send
-  another: each token picks distinct experts), then `dispatch.block_ffn` over the received
-  rows grouped by local expert, padding rows skipped. Exact, no drops. XLA:CPU has no
-  `ragged_all_to_all` (UNIMPLEMENTED), hence the padding.
+  another: each token picks distinct experts), then the received rows grouped by local
+  expert through `dispatch.grouped_rows`: `block_ffn`, or for `pallas` the Pallas grouped
+  matmul; padding rows skipped. Exact, no drops. XLA:CPU has no `ragged_all_to_all`
+  (UNIMPLEMENTED), hence the padding.
+
+Each path is the single-device one (dispatch.py: a layout, the experts, the combine) with
+the all_to_all pair between the layout and the experts; the router statistics are
+`losses.router_stats` with a pmean over the batch axes.
 
 Routers run per shard on the shard's tokens: token-choice routers are unaffected;
 `expert_choice` picks each expert's top tokens among the shard's own.
@@ -69,71 +74,49 @@ def _all_to_all(x):
 
 
 def _capacity_dispatch(x_TxD, routing, w_gate, w_up, w_down, cfg, n_ep: int):
-  """[E, C, D] slot buffers, all_to_all, local experts, all_to_all back, combine."""
+  """The capacity layout ([E, C, D] slots), all_to_all, the local experts, all_to_all
+  back, the combine: capacity_gather with the experts spread over the shards."""
   t, d = x_TxD.shape
-  e, k = cfg.num_experts, routing.experts_TxK.shape[1]
-  c = dispatch.capacity(t, cfg)
-  priority = -routing.weights_TxK.reshape(-1) if cfg.drop_policy == "probability" else None
-  slots = dispatch.sort_slots(routing, e, priority)
-  keep = slots.rank_N < c
-  dest = jnp.where(keep, slots.expert_N * c + slots.rank_N, e * c)  # e*c = trash row
-  token = slots.order_N // k
-  buf = jnp.zeros((e * c + 1, d), x_TxD.dtype).at[dest].set(x_TxD[token])[:-1]
-  e_loc = e // n_ep
-  recv = _all_to_all(buf.reshape(e, c, d))  # [n_ep sources * E_loc, C, D]
+  e, e_loc = cfg.num_experts, cfg.num_experts // n_ep
+  layout, kept, c = dispatch.capacity_layout(routing, cfg)
+  recv = _all_to_all(dispatch.gather(x_TxD, layout).reshape(e, c, d))  # [n_ep * E_loc, C, D]
   x_local = recv.reshape(n_ep, e_loc, c, d).transpose(1, 0, 2, 3).reshape(e_loc, n_ep * c, d)
   y_local = dispatch.swiglu_experts(x_local, w_gate, w_up, w_down)
   y_back = y_local.reshape(e_loc, n_ep, c, d).transpose(1, 0, 2, 3).reshape(e, c, d)
-  y = jnp.concatenate([_all_to_all(y_back).reshape(e * c, d), jnp.zeros((1, d), x_TxD.dtype)])
-  w = (routing.weights_TxK.reshape(-1)[slots.order_N] * keep).astype(y.dtype)
-  out = jnp.zeros((t, d), y.dtype).at[token].add(y[dest] * w[:, None])
-  return out, 1.0 - keep.mean()
+  return dispatch.combine(_all_to_all(y_back).reshape(e * c, d), layout, t), 1.0 - kept
 
 
-def _local_experts(x_MxD, expert_M, w_gate, w_up, w_down, rows_hint: int):
-  """Grouped SwiGLU of received rows: row m through local expert expert_M[m]; rows with
-  expert_M == E_loc are padding, sorted last and never computed (zero output)."""
-  m, d = x_MxD.shape
-  e_loc = w_gate.shape[0]
-  routing = routers.Routing(jnp.ones((m, 1), jnp.float32), expert_M[:, None], None)
-  slots = dispatch.sort_slots(routing, e_loc + 1)
-  block = dispatch.block_size(rows_hint, e_loc)
-  num_blocks = -(-(m + (e_loc + 1) * (block - 1)) // block)
-  blocks = dispatch.block_layout(slots, e_loc + 1, block, num_blocks)
-  real = (slots.sizes_E[:e_loc] + block - 1) // block
-  n_blocks = jnp.sum(real).astype(jnp.int32)
-  block_expert = jnp.minimum(blocks.block_expert, e_loc - 1)
-  buf = jnp.zeros((num_blocks * block, d), x_MxD.dtype).at[blocks.dest_N].set(
-      x_MxD[slots.order_N])
-  ones = jnp.zeros((num_blocks * block,), x_MxD.dtype).at[blocks.dest_N].set(1.0)
-  y = dispatch.block_ffn(buf, ones, w_gate, w_up, w_down, block_expert, n_blocks, block)
-  return jnp.zeros((m, d), y.dtype).at[slots.order_N].set(y[blocks.dest_N])
-
-
-def _dropless_dispatch(x_TxD, routing, w_gate, w_up, w_down, cfg, n_ep: int):
-  """Per-destination buffers of R rows, all_to_all (rows and per-expert counts), local
-  grouped experts, all_to_all back, weighted combine."""
-  t, d = x_TxD.shape
-  e, k = cfg.num_experts, routing.experts_TxK.shape[1]
-  e_loc = e // n_ep
+def shard_layout(routing, num_experts: int, n_ep: int) -> tuple[dispatch.Layout, jax.Array]:
+  """(layout into n_ep buffers of R = T * min(k, E_loc) rows, one per destination shard,
+  the per-expert counts [n_ep, E_loc]): R is the most one shard can send another, as a
+  token picks distinct experts."""
+  t, k = routing.experts_TxK.shape
+  e_loc = num_experts // n_ep
   r = t * min(k, e_loc)
-  slots = dispatch.sort_slots(routing, e)  # grouped by expert, hence by destination shard
+  slots = dispatch.sort_slots(routing, num_experts)  # grouped by expert, so by shard
   shard_N = slots.expert_N // e_loc
   counts = slots.sizes_E.reshape(n_ep, e_loc)
   shard_start = jnp.cumsum(counts.sum(1)) - counts.sum(1)
   pos_N = jnp.arange(slots.order_N.shape[0], dtype=jnp.int32) - shard_start[shard_N]
-  token = slots.order_N // k
-  send = jnp.zeros((n_ep, r, d), x_TxD.dtype).at[shard_N, pos_N].set(x_TxD[token])
-  recv, recv_counts = _all_to_all(send), _all_to_all(counts)  # [n_ep sources, ...]
-  ends = jnp.cumsum(recv_counts, axis=1)  # [n_ep, E_loc]
+  weight_N = routing.weights_TxK.reshape(-1)[slots.order_N]
+  return dispatch.Layout(slots.order_N, shard_N * r + pos_N, weight_N, n_ep * r, k), counts
+
+
+def _dropless_dispatch(x_TxD, routing, w_gate, w_up, w_down, cfg, n_ep: int):
+  """The per-shard layout, all_to_all (rows and per-expert counts), the local experts
+  grouped by expert (dispatch.grouped_rows: block_ffn, or the Pallas grouped matmul),
+  all_to_all back, the weighted combine."""
+  t, d = x_TxD.shape
+  layout, counts = shard_layout(routing, cfg.num_experts, n_ep)
+  r = layout.rows // n_ep
+  recv = _all_to_all(dispatch.gather(x_TxD, layout).reshape(n_ep, r, d))
+  ends = jnp.cumsum(_all_to_all(counts), axis=1)  # [n_ep sources, E_loc]
   row = jnp.arange(r, dtype=jnp.int32)
   expert = jax.vmap(lambda en: jnp.searchsorted(en, row, side="right"))(ends)  # E_loc = pad
-  y = _local_experts(recv.reshape(n_ep * r, d), expert.reshape(-1).astype(jnp.int32),
-                     w_gate, w_up, w_down, rows_hint=t * k)
-  back = _all_to_all(y.reshape(n_ep, r, d))
-  w = routing.weights_TxK.reshape(-1)[slots.order_N].astype(back.dtype)
-  out = jnp.zeros((t, d), back.dtype).at[token].add(back[shard_N, pos_N] * w[:, None])
-  return out, jnp.float32(0.0)
+  y = dispatch.grouped_rows(recv.reshape(n_ep * r, d), expert.reshape(-1).astype(jnp.int32),
+                            w_gate, w_up, w_down, cfg.backend, rows_hint=t * layout.k)
+  back = _all_to_all(y.reshape(n_ep, r, d)).reshape(n_ep * r, d)
+  return dispatch.combine(back, layout, t), jnp.float32(0.0)
 
 
 def _shard_body(x_TxD, logits_TxE, bias_E, w_gate, w_up, w_down, *, cfg, n_ep, batch_axes,
@@ -142,19 +125,8 @@ def _shard_body(x_TxD, logits_TxE, bias_E, w_gate, w_up, w_down, *, cfg, n_ep, b
   fn = _capacity_dispatch if cfg.backend in CAPACITY_BACKENDS else _dropless_dispatch
   y, dropped = fn(x_TxD.astype(dtype), routing, w_gate.astype(dtype), w_up.astype(dtype),
                   w_down.astype(dtype), cfg, n_ep)
-  mean = lambda v: jax.lax.pmean(v, batch_axes)
-  load_E = mean(losses.expert_load(routing.experts_TxK, cfg.num_experts))
-  p_E = mean(routing.probs_TxE.astype(jnp.float32).mean(axis=0))
-  aux = losses.balance_loss(load_E, p_E)
-  stats = {
-      "aux_loss": cfg.aux_loss_coeff * aux,
-      "z_loss": cfg.z_loss_coeff * mean(losses.z_loss(logits_TxE)),
-      "load_E": load_E,
-      "probs_E": p_E,
-      "dropped_fraction": mean(jnp.asarray(dropped, jnp.float32)),
-      "router_entropy": mean(losses.entropy(routing.probs_TxE)),
-  }
-  return y, stats
+  return y, losses.router_stats(routing, logits_TxE, cfg, dropped,
+                                mean=lambda v: jax.lax.pmean(v, batch_axes))
 
 
 def moe_forward_ep(x_TxD, logits_TxE, w_gate, w_up, w_down, cfg, *, bias_E=None,

@@ -67,16 +67,7 @@ def moe_forward(x_TxD, router_DxE, w_gate, w_up, w_down, cfg: MoeConfig, *,
   y, dropped = dispatch.BACKENDS[cfg.backend](
       x_TxD.astype(dtype), routing, w_gate.astype(dtype), w_up.astype(dtype),
       w_down.astype(dtype), cfg)
-  stats = {
-      "aux_loss": cfg.aux_loss_coeff * losses.aux_loss(routing.probs_TxE, routing.experts_TxK,
-                                                       cfg.num_experts),
-      "z_loss": cfg.z_loss_coeff * losses.z_loss(logits_TxE),
-      "load_E": losses.expert_load(routing.experts_TxK, cfg.num_experts),
-      "probs_E": routing.probs_TxE.astype(jnp.float32).mean(axis=0),  # P_i, differentiable
-      "dropped_fraction": jnp.asarray(dropped, jnp.float32),
-      "router_entropy": losses.entropy(routing.probs_TxE),
-  }
-  return y, stats
+  return y, losses.router_stats(routing, logits_TxE, cfg, dropped)
 
 
 class MoeBlock(nnx.Module):

@@ -32,3 +32,20 @@ def entropy(probs_TxE: jax.Array) -> jax.Array:
   """Mean per-token entropy of the router distribution (nats)."""
   p = probs_TxE.astype(jnp.float32)
   return -jnp.mean(jnp.sum(p * jnp.log(jnp.maximum(p, 1e-20)), axis=-1))
+
+
+def router_stats(routing, logits_TxE: jax.Array, cfg, dropped, mean=lambda v: v) -> dict:
+  """The MoE block's stats (float32): aux_loss and z_loss with their coefficients, load_E,
+  probs_E (the differentiable mean router probability), dropped_fraction and
+  router_entropy. `mean` reduces a per-shard value over the batch (expert parallelism:
+  a pmean over the batch axes), so the losses are the global batch's."""
+  load_E = mean(expert_load(routing.experts_TxK, cfg.num_experts))
+  probs_E = mean(routing.probs_TxE.astype(jnp.float32).mean(axis=0))
+  return {
+      "aux_loss": cfg.aux_loss_coeff * balance_loss(load_E, probs_E),
+      "z_loss": cfg.z_loss_coeff * mean(z_loss(logits_TxE)),
+      "load_E": load_E,
+      "probs_E": probs_E,
+      "dropped_fraction": mean(jnp.asarray(dropped, jnp.float32)),
+      "router_entropy": mean(entropy(routing.probs_TxE)),
+  }

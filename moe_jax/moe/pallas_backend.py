@@ -36,3 +36,19 @@ def pallas(x_TxD, routing, w_gate, w_up, w_down, cfg, target=None):
            * gmm_ops.gmm(xs_MxD, w_up, sizes, target))
   y_MxD = gmm_ops.gmm(h_MxF, w_down, sizes, target)
   return permute_ops.unpermute(y_MxD, routing.weights_TxK, p, target), jnp.float32(0.0)
+
+
+def grouped_rows(x_MxD, expert_M, w_gate, w_up, w_down, target=None):
+  """dispatch.grouped_rows on the kernels: rows sorted by expert with the padding
+  (expert_M == E) last, three grouped matmuls over the real groups, and the rows past
+  them (which the kernels leave unspecified) zeroed before they are moved back."""
+  e = w_gate.shape[0]
+  p = permute_ops.plan(expert_M[:, None], e + 1)
+  xs_MxD = permute_ops.permute(x_MxD, p, target)
+  sizes = p.group_sizes_E[:e]
+  h_MxF = (jax.nn.silu(gmm_ops.gmm(xs_MxD, w_gate, sizes, target))
+           * gmm_ops.gmm(xs_MxD, w_up, sizes, target))
+  y_MxD = gmm_ops.gmm(h_MxF, w_down, sizes, target)
+  real = jnp.arange(x_MxD.shape[0]) < jnp.sum(sizes)
+  y_MxD = jnp.where(real[:, None], y_MxD, jnp.zeros_like(y_MxD))
+  return permute_ops.unpermute(y_MxD, jnp.ones((x_MxD.shape[0], 1), y_MxD.dtype), p, target)

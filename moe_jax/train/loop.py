@@ -185,6 +185,9 @@ def _progress(total: int, start: int):
   return None
 
 
+EVAL_SEED = 0  # the shuffle of the held-out documents that the evaluated batches come from
+
+
 def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
           loop: LoopConfig, opt: optim.OptimConfig, workdir: str,
           mesh: jax.sharding.Mesh | None = None, meta: dict[str, Any] | None = None,
@@ -206,7 +209,9 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   shard, count = sharding.data_shard(mesh, loop.batch_size) if mesh is not None else (0, 1)
   data_iter = iter(pipeline.packed_dataset(train_docs, loop.seq_len, loop.batch_size, loop.seed,
                                            shard_index=shard, shard_count=count))
-  eval_iter = iter(pipeline.packed_dataset(eval_docs, loop.seq_len, loop.batch_size, loop.seed,
+  # The held-out batches do not depend on loop.seed: runs that differ only in their seed
+  # (the study's seeds, a sweep's) are all scored on the same tokens.
+  eval_iter = iter(pipeline.packed_dataset(eval_docs, loop.seq_len, loop.batch_size, EVAL_SEED,
                                            shard_index=shard, shard_count=count, num_epochs=1))
   eval_set = [pipeline.to_batch(b) for _, b in zip(range(loop.eval_batches), eval_iter)]
   mngr = train_ckpt.manager(workdir, loop.keep)

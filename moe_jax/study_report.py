@@ -1,0 +1,311 @@
+"""The study's results, from its rows (study.py): results.csv and results.md per finding,
+the plots, and docs/results.md, the page that collects every finding.
+
+Everything a page says about our runs is computed here from the committed CSVs: the
+tables (mean ± std over seeds), the paired differences with their standard errors, the
+verdict on each comparison (a difference within 2 standard errors is called noise), and
+the compute the runs took. Only the question and the paper's claim are the modules' words.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from moe_jax import metrics, plotting, study
+
+NOISE_SE = 2.0   # a difference within this many standard errors is not called a result
+_FLOATS = ("train_flops", "eval_loss", "loss", "tokens_per_s", "train_s", "expert_cosine")
+_INTS = ("seed", "steps", "tokens", "params", "active_params")
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, study.COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+
+
+def read_csv(path: str) -> list[dict[str, Any]]:
+  """Rows written by write_csv, with their numbers parsed back (NaN where empty)."""
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  for r in rows:
+    for k in _FLOATS:
+      r[k] = float(r[k]) if r.get(k) not in (None, "") else math.nan
+    for k in _INTS:
+      r[k] = int(r[k])
+  return rows
+
+
+def by_arm(rows: list[dict]) -> dict[str, list[dict]]:
+  out: dict[str, list[dict]] = {}
+  for r in rows:
+    out.setdefault(r["arm"], []).append(r)
+  return out
+
+
+def _pm(values: list[float], fmt: str) -> str:
+  if all(math.isnan(v) for v in values):
+    return "–"
+  m, s = study.mean_std(values)
+  return f"{m:{fmt}} ± {s:{fmt}}"
+
+
+def arm_table(rows: list[dict]) -> list[str]:
+  """Markdown: one line per arm, mean ± std over its seeds."""
+  lines = ["| arm | seeds | held-out loss | training loss | expert cosine to seed | params "
+           "(active) | tokens | training FLOPs | tokens/s |", "|---" * 9 + "|"]
+  for arm, mine in by_arm(rows).items():
+    col = lambda k: [r[k] for r in mine]
+    first = mine[0]
+    lines.append(f"| {arm} | {len(mine)} | {_pm(col('eval_loss'), '.4f')} | "
+                 f"{_pm(col('loss'), '.4f')} | {_pm(col('expert_cosine'), '.3f')} | "
+                 f"{first['params'] / 1e6:.2f}M ({first['active_params'] / 1e6:.2f}M) | "
+                 f"{first['tokens']:.3g} | {first['train_flops']:.3g} | "
+                 f"{_pm(col('tokens_per_s'), '.0f')} |")
+  return lines
+
+
+def verdict(d: dict, expected: str | None = None) -> str:
+  """What a paired difference of held-out loss says, against the paper's sign if given."""
+  if d["n"] < 2 or not math.isfinite(d["se"]):
+    return "one seed: no standard error, no verdict"
+  if abs(d["diff"]) <= NOISE_SE * d["se"]:
+    said = f"within noise (|difference| <= {NOISE_SE:g} SE)"
+    return said + (": the claim is not shown here" if expected else "")
+  got = "lower" if d["diff"] < 0 else "higher"
+  ratio = abs(d["diff"]) / d["se"] if d["se"] else math.inf
+  said = f"{d['a']} is {got} than {d['b']} by {ratio:.1f} SE"
+  if expected:
+    said += ": reproduces" if got == expected else ": the opposite of the claim"
+  return said
+
+
+def comparison_table(rows: list[dict], comparisons: Iterable[tuple[str, str]],
+                     expected: dict[tuple[str, str], str] | None = None) -> list[str]:
+  """Markdown: each comparison's mean paired difference ± SE, and its verdict."""
+  expected = expected or {}
+  lines = ["| comparison | seeds | held-out loss difference (mean ± SE) | claim | verdict |",
+           "|---|---|---|---|---|"]
+  for a, b in comparisons:
+    d = study.paired_difference(rows, a, b)
+    claim = f"{a} {expected[(a, b)]}" if (a, b) in expected else "–"
+    lines.append(f"| {a} - {b} | {d['n']} | {d['diff']:+.4f} ± {d['se']:.2g} | {claim} | "
+                 f"{verdict(d, expected.get((a, b)))} |")
+  return lines
+
+
+def trends(rows: list[dict], values: dict[str, Any], label: str) -> list[str]:
+  """Sentences on the arms' means against a varied value: the best arm, and (for a
+  numeric value) the Spearman rank correlation of each metric with it."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  arms = by_arm(rows)
+  names = [a for a in values if a in arms]
+  means = {k: {a: study.mean_std([r[k] for r in arms[a]])[0] for a in names}
+           for k in ("eval_loss", "expert_cosine")}
+  best = min(names, key=means["eval_loss"].get)
+  out = [f"lowest mean held-out loss: {best} ({label} = {values[best]}, "
+         f"{_pm([r['eval_loss'] for r in arms[best]], '.4f')})"]
+  numeric = all(isinstance(values[a], (int, float)) for a in names)
+  for key, what in (("eval_loss", "held-out loss"), ("expert_cosine", "expert cosine to the seed")):
+    ys = [means[key][a] for a in names]
+    if numeric and len(names) > 2 and all(math.isfinite(y) for y in ys):
+      rho = stats.spearmanr([values[a] for a in names], ys).statistic
+      out.append(f"{what} against {label}: Spearman rank correlation {rho:+.2f} over the "
+                 f"{len(names)} arm means")
+  return out
+
+
+def compute_line(rows: list[dict], shared: list[dict]) -> str:
+  """The training compute the finding's runs took (evaluation and start-up excluded)."""
+  own = sum(r["train_s"] for r in rows) / 60
+  line = f"{len(rows)} runs, {own:.0f} min of training"
+  if shared:
+    line += " (and the shared " + ", ".join(
+        f"{r['arm']}, {r['train_s'] / 60:.0f} min for {r['tokens']:.3g} tokens" for r in shared) + ")"
+  return line
+
+
+def write_results(rows: list[dict], finding: study.Finding, workdir: str, out_dir: str,
+                  shared: list[dict] = ()) -> list[str]:
+  """results.csv, shared.csv (the shared runs' rows), results.md and the plots of one
+  finding (its runs below `workdir`) into `out_dir`; returns the plots' paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  write_csv(os.path.join(out_dir, "results.csv"), rows)
+  write_csv(os.path.join(out_dir, "shared.csv"), list(shared))
+  lines = [f"# {finding.name}", "", *arm_table(rows), "",
+           *comparison_table(rows, finding.comparisons, finding.expected), "",
+           f"Compute: {compute_line(rows, list(shared))}."]
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  plots = plot_curves(rows, workdir, out_dir, finding.name)
+  if finding.axis:
+    plots.append(plot_against(rows, finding.axis_values(), finding.axis[1], out_dir,
+                              finding.name))
+  return plots
+
+
+def _mean_curve(run_dirs: list[str]) -> tuple[np.ndarray, ...]:
+  """(steps, mean, min, max) of the held-out loss over the runs, at the steps all logged."""
+  curves = [metrics.curve(metrics.read(d), "eval_loss") for d in run_dirs]
+  steps = sorted(set.intersection(*(set(s.tolist()) for s, _ in curves)))
+  ys = np.array([[dict(zip(s.tolist(), v))[t] for t in steps] for s, v in curves])
+  return np.asarray(steps), ys.mean(0), ys.min(0), ys.max(0)
+
+
+def plot_curves(rows: list[dict], workdir: str, out_dir: str, title: str) -> list[str]:
+  """Held-out loss against training tokens and against training FLOPs, one curve per arm
+  (mean over its seeds) with a band from the lowest to the highest seed; the curves are
+  read from the runs below `workdir`."""
+  arms = by_arm(rows)
+  curves = {arm: _mean_curve([os.path.join(workdir, study.run_name(arm, r["seed"]))
+                              for r in mine]) for arm, mine in arms.items()}
+  paths = []
+  for key, label in (("tokens", "training tokens"), ("train_flops", "training FLOPs")):
+    fig, ax = plotting.subplots(figsize=(7, 4.2), layout="constrained")
+    for arm, (steps, mean, lo, hi) in curves.items():
+      first = arms[arm][0]
+      x = steps * (first[key] / first["steps"])  # the same per step for every seed
+      ax.plot(x, mean, "o-", ms=3, label=f"{arm} ({len(arms[arm])} seeds)")
+      ax.fill_between(x, lo, hi, alpha=0.2)
+    ax.set(xlabel=label, ylabel="held-out loss", title=title)
+    ax.legend(fontsize=8)
+    paths.append(os.path.join(out_dir, f"loss_vs_{key}.png"))
+    fig.savefig(paths[-1], dpi=110)
+  return paths
+
+
+def plot_against(rows: list[dict], values: dict[str, Any], label: str, out_dir: str,
+                 title: str) -> str:
+  """The final held-out loss (and the experts' cosine to the seed, where any arm has
+  one) against the arms' varied value: mean with a ±std bar and each seed's point.
+  Numeric values share a (log, if they span 10x) axis; others are evenly spaced."""
+  arms = by_arm(rows)
+  names = [a for a in values if a in arms]
+  numeric = all(isinstance(values[a], (int, float)) and not isinstance(values[a], bool)
+                for a in names)
+  x = {a: float(values[a]) if numeric else i for i, a in enumerate(names)}
+  keys = [("eval_loss", "final held-out loss")]
+  if any(math.isfinite(r["expert_cosine"]) for r in rows):
+    keys.append(("expert_cosine", "expert cosine to the seed"))
+  fig, axes = plotting.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8),
+                                layout="constrained", squeeze=False)
+  for ax, (key, ylabel) in zip(axes[0], keys):
+    for a in names:
+      ys = [r[key] for r in arms[a] if math.isfinite(r[key])]
+      if not ys:
+        continue
+      m, s = study.mean_std(ys)
+      ax.errorbar([x[a]], [m], yerr=[s], fmt="o", color="C0", capsize=4)
+      ax.plot([x[a]] * len(ys), ys, ".", color="C1", alpha=0.6)
+    xs = [x[a] for a in names]
+    if numeric and max(xs) > 10 * min(xs) > 0:
+      ax.set_xscale("log")
+    ax.set_xticks(xs, [str(values[a]) for a in names])
+    ax.minorticks_off()
+    ax.set(xlabel=label, ylabel=ylabel)
+  fig.suptitle(title)
+  path = os.path.join(out_dir, "against_" + label.replace(" ", "_") + ".png")
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def write_curve(run_dir: str, out_dir: str, name: str) -> list[str]:
+  """One run's loss curve as results to commit (the checkpoints are not): <name>.csv
+  (step, tokens, training and held-out loss) and <name>.png."""
+  rows = metrics.read(run_dir)
+  tokens_per_step = study.run_row(run_dir, name, 0)["tokens"] / max(r["step"] for r in rows)
+  os.makedirs(out_dir, exist_ok=True)
+  csv_path, png_path = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("csv", "png"))
+  with open(csv_path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["step", "tokens", "loss", "eval_loss"])
+    for r in rows:
+      w.writerow([r["step"], int(r["step"] * tokens_per_step), r.get("loss"), r.get("eval_loss")])
+  fig, ax = plotting.subplots(figsize=(7, 4.2), layout="constrained")
+  for key, style in (("loss", "-"), ("eval_loss", "o-")):
+    steps, values = metrics.curve(rows, key)
+    ax.plot(steps * tokens_per_step, values, style, ms=3, label=key.replace("_", " "))
+  ax.set(xlabel="training tokens", ylabel="loss", title=name)
+  ax.legend()
+  fig.savefig(png_path, dpi=110)
+  return [csv_path, png_path]
+
+
+def _link(path: str, page_dir: str) -> str:
+  return os.path.relpath(path, page_dir).replace(os.sep, "/")
+
+
+def seed_section(root: str, page_dir: str, shared: list[dict]) -> list[str]:
+  """The shared seed model: its size, tokens, time and loss curve (seed.csv, seed.png)."""
+  curve = os.path.join(root, "seed.csv")
+  if not os.path.exists(curve):
+    return ["## The seed model", "", "Not trained yet: `python -m experiments.train "
+            "--config=configs/study/seed.py --workdir=runs/study/seed`.", ""]
+  with open(curve, newline="") as f:
+    points = [r for r in csv.DictReader(f) if r["eval_loss"]]
+  lines = ["## The seed model", "",
+           "Every finding starts from one dense model pre-trained here from scratch "
+           "(configs/study/seed.py) on the standard library's Python and the English pydoc "
+           f"topics. Its held-out loss went from {float(points[0]['eval_loss']):.3f} (step "
+           f"{points[0]['step']}) to {float(points[-1]['eval_loss']):.3f} (step "
+           f"{points[-1]['step']}, {int(points[-1]['tokens']):.3g} tokens)."]
+  seed = [r for r in shared if r["arm"] == "seed"]
+  if seed:
+    r = seed[0]
+    lines[-1] += (f" It has {r['params'] / 1e6:.2f}M parameters and trained for "
+                  f"{r['train_s'] / 60:.0f} min ({r['tokens_per_s']:.0f} tokens/s).")
+  return lines + ["", f"![seed loss curve]({_link(os.path.join(root, 'seed.png'), page_dir)})", ""]
+
+
+def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[str]:
+  """One finding's section: question, claim, our tables and figures, the command and its
+  compute, and what the comparisons say; or that it has not been run."""
+  out_dir = os.path.join(root, finding.name)
+  lines = [f"## {finding.number}. {finding.title}", "", f"**Question.** {finding.question}", "",
+           f"**The paper's claim.** {finding.claim}", ""]
+  command = f"{finding.command} --results_dir={root}"
+  results = os.path.join(out_dir, "results.csv")
+  if not os.path.exists(results):
+    return lines + [f"**Not run yet.** Run: `{command}`.", ""]
+  rows, shared = read_csv(results), read_csv(os.path.join(out_dir, "shared.csv"))
+  seeds = min(len(v) for v in by_arm(rows).values())
+  lines += [f"**Ours** ({seeds} seeds per arm, held-out loss at equal tokens):", "",
+            *arm_table(rows), "", *comparison_table(rows, finding.comparisons,
+                                                   finding.expected), ""]
+  for png in sorted(p for p in os.listdir(out_dir) if p.endswith(".png")):
+    lines += [f"![{finding.name} {png[:-4]}]({_link(os.path.join(out_dir, png), page_dir)})", ""]
+  lines += [f"**Re-run:** `{command}`. Compute: "
+            f"{compute_line(rows, shared)}.", "", "**What it says.**", ""]
+  for a, b in finding.comparisons:
+    d = study.paired_difference(rows, a, b)
+    lines.append(f"- {a} - {b} = {d['diff']:+.4f} ± {d['se']:.2g} (SE, {d['n']} seeds): "
+                 f"{verdict(d, finding.expected.get((a, b)))}.")
+  if finding.axis:
+    lines += [f"- {t}." for t in trends(rows, finding.axis_values(), finding.axis[1])]
+  return lines + [""]
+
+
+def render_page(findings: list[study.Finding], root: str, page_dir: str) -> str:
+  """docs/results.md: the seed, then every finding in order, from the CSVs below `root`."""
+  shared = []
+  for f in findings:
+    path = os.path.join(root, f.name, "shared.csv")
+    if os.path.exists(path):
+      shared = read_csv(path)
+      break
+  lines = ["# Results: the reproduction study", "",
+           "Generated by `python -m experiments.results_page` from the CSVs in "
+           f"`{_link(root, page_dir)}`; do not edit by hand. Each finding compares its arms "
+           "at equal training tokens over several seeds (the same batches per seed in "
+           f"every arm); a difference within {NOISE_SE:g} standard errors of the paired "
+           "differences is reported as noise. Training times are of the 2-core CPU "
+           "machine, evaluation excluded.", "", *seed_section(root, page_dir, shared)]
+  for f in sorted(findings, key=lambda f: f.number):
+    lines += finding_section(f, root, page_dir)
+  return "\n".join(lines)
