@@ -73,6 +73,9 @@ def main_guard(fn: Callable, *args, **kwargs):
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
   try:
     return fn(*args, **kwargs)
+  except errors.Stopped as e:  # saved on SIGTERM: not an error, and not finished
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(0)
   except USER_ERRORS + (OSError,) as e:
     print(f"error: {describe_error(e)}", file=sys.stderr)
     sys.exit(1)

@@ -21,13 +21,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A study config module
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The finding's directory.", required=True)
 _SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds per arm (0: the module's SEEDS).")
+_ARMS = flags.DEFINE_list("arms", [], "Run and report only these arms ([]: all); a "
+                          "comparison whose arms did not run is listed as not run.")
 _RESULTS = flags.DEFINE_string("results_dir", "", "Where the study's results are committed "
                                "(docs/results/study); '' = the workdir.")
 
 
-def run(config, workdir: str, seeds: int, results_dir: str) -> None:
+def run(config, workdir: str, seeds: int, results_dir: str, arms: list[str]) -> None:
   path, _, arg = flags.FLAGS["config"].config_filename.partition(":")
-  finding = study.Finding.load(path, arg or None)
+  finding = study.Finding.load(path, arg or None).only(arms)
   os.makedirs(workdir, exist_ok=True)
   rows = study.run_study(config, finding.arms, finding.shared, seeds or finding.seeds,
                          workdir, runs.train)
@@ -47,7 +49,8 @@ def run(config, workdir: str, seeds: int, results_dir: str) -> None:
 
 def main(argv):
   del argv
-  cli.main_guard(run, _CONFIG.value, _WORKDIR.value, _SEEDS.value, _RESULTS.value)
+  cli.main_guard(run, _CONFIG.value, _WORKDIR.value, _SEEDS.value, _RESULTS.value,
+                  _ARMS.value)
 
 
 if __name__ == "__main__":

@@ -239,6 +239,27 @@ def data_texts(config) -> tuple[list[str], list[str]]:
   return train_docs, eval_docs
 
 
+def domain_eval_texts(config) -> dict[str, list[str]]:
+  """{domain: its held-out documents} of a source with several domains (stdlib+pydoc:
+  python and english), for a loss per domain at the end of a run; {} otherwise."""
+  if config.data.source != "stdlib+pydoc":
+    return {}
+  return {"python": corpus.stdlib_documents("valid"), "english": corpus.pydoc_documents("valid")}
+
+
+def domain_losses(model, config, tok, mesh) -> dict[str, float]:
+  """{'eval_loss/<domain>': held-out loss} on each domain's own held-out batches."""
+  loop_cfg = loop_lib.LoopConfig(**config.loop)
+  out = {}
+  for name, texts in domain_eval_texts(config).items():
+    docs = pipeline.tokenize_documents(texts, tok.encode_batch, tok.eos_id)
+    batches = loop_lib.held_out_batches(docs, loop_cfg, mesh)
+    if batches:
+      loss = loop_lib.evaluate_batches(model, batches, mesh, loop_cfg.batch_size)["eval_loss"]
+      out[f"eval_loss/{name}"] = loss
+  return out
+
+
 def data_documents(config, texts, tok):
   """(train, eval) token documents of the (train, eval) texts."""
   enc = lambda docs: pipeline.tokenize_documents(docs, tok.encode_batch, tok.eos_id)
@@ -290,7 +311,10 @@ def _train_model(config, workdir: str):
   if not last and os.path.exists(final):  # finished before: nothing trained, keep its record
     with open(final) as f:
       last = json.load(f)
-  elif lead:
+    return model, last
+  if loop_cfg.eval_batches:
+    last = {**last, **domain_losses(model, config, plan.tokenizer, mesh)}
+  if lead:
     checkpoint.write_json_atomic(final, last)
     if "eval_loss" in last:
       print(f"final eval_loss={last['eval_loss']:.4f} loss={last['loss']:.4f}")

@@ -36,8 +36,10 @@ from moe_jax.models import llama
 from moe_jax.train import flops
 
 SEED_PREFIX = "s"
+DOMAINS = ("python", "english")  # data.source=stdlib+pydoc: final loss on each held-out split
 COLUMNS = ("arm", "seed", "steps", "tokens", "train_flops", "eval_loss", "loss", "params",
-           "active_params", "tokens_per_s", "train_s", "expert_cosine")
+           "active_params", "tokens_per_s", "train_s", "expert_cosine",
+           *(f"eval_loss_{d}" for d in DOMAINS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,16 @@ class Finding:
                arms=tuple(mod.arms(arg)), shared=tuple(mod.shared(arg)),
                comparisons=tuple(mod.COMPARISONS), expected=expected,
                axis=getattr(mod, "AXIS", None), seeds=mod.SEEDS)
+
+  def only(self, names: list[str]) -> "Finding":
+    """This finding with only the arms `names` (all for []); unknown names fail."""
+    if not names:
+      return self
+    known = [a[sweep.NAME] for a in self.arms]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+      raise ValueError(f"--arms: {unknown} are not arms of {self.name} (its arms: {known})")
+    return dataclasses.replace(self, arms=tuple(a for a in self.arms if a[sweep.NAME] in names))
 
   def axis_values(self) -> dict[str, Any]:
     """{arm: its value of AXIS's key, or its name where it sets none} ({} without AXIS)."""
@@ -159,7 +171,8 @@ def run_row(run_dir: str, arm: str, seed: int) -> dict[str, Any]:
           "eval_loss": final.get("eval_loss"), "loss": final.get("loss"),
           "params": checkpoint.param_count(llama.abstract(src.cfg)),
           "active_params": flops.active_params_per_token(src.cfg), "tokens_per_s": tps,
-          "train_s": seconds, "expert_cosine": expert_cosine(src)}
+          "train_s": seconds, "expert_cosine": expert_cosine(src),
+          **{f"eval_loss_{d}": final.get(f"eval_loss/{d}", math.nan) for d in DOMAINS}}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -19,7 +19,8 @@ import numpy as np
 from moe_jax import metrics, plotting, study
 
 NOISE_SE = 2.0   # a difference within this many standard errors is not called a result
-_FLOATS = ("train_flops", "eval_loss", "loss", "tokens_per_s", "train_s", "expert_cosine")
+_FLOATS = ("train_flops", "eval_loss", "loss", "tokens_per_s", "train_s", "expert_cosine",
+           *(f"eval_loss_{d}" for d in study.DOMAINS))
 _INTS = ("seed", "steps", "tokens", "params", "active_params")
 
 
@@ -35,7 +36,7 @@ def read_csv(path: str) -> list[dict[str, Any]]:
   with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
   for r in rows:
-    for k in _FLOATS:
+    for k in _FLOATS:  # a column an older file lacks reads as NaN
       r[k] = float(r[k]) if r.get(k) not in (None, "") else math.nan
     for k in _INTS:
       r[k] = int(r[k])
@@ -58,12 +59,16 @@ def _pm(values: list[float], fmt: str) -> str:
 
 def arm_table(rows: list[dict]) -> list[str]:
   """Markdown: one line per arm, mean ± std over its seeds."""
-  lines = ["| arm | seeds | held-out loss | training loss | expert cosine to seed | params "
-           "(active) | tokens | training FLOPs | tokens/s |", "|---" * 9 + "|"]
+  domains = [d for d in study.DOMAINS
+             if any(math.isfinite(r.get(f"eval_loss_{d}", math.nan)) for r in rows)]
+  lines = ["| arm | seeds | held-out loss | " + "".join(f"{d} | " for d in domains)
+           + "training loss | expert cosine to seed | params (active) | tokens | "
+           "training FLOPs | tokens/s |", "|---" * (9 + len(domains)) + "|"]
   for arm, mine in by_arm(rows).items():
     col = lambda k: [r[k] for r in mine]
     first = mine[0]
     lines.append(f"| {arm} | {len(mine)} | {_pm(col('eval_loss'), '.4f')} | "
+                 + "".join(f"{_pm(col(f'eval_loss_{d}'), '.4f')} | " for d in domains) +
                  f"{_pm(col('loss'), '.4f')} | {_pm(col('expert_cosine'), '.3f')} | "
                  f"{first['params'] / 1e6:.2f}M ({first['active_params'] / 1e6:.2f}M) | "
                  f"{first['tokens']:.3g} | {first['train_flops']:.3g} | "
@@ -92,9 +97,13 @@ def comparison_table(rows: list[dict], comparisons: Iterable[tuple[str, str]],
   expected = expected or {}
   lines = ["| comparison | seeds | held-out loss difference (mean ± SE) | claim | verdict |",
            "|---|---|---|---|---|"]
+  ran = {r["arm"] for r in rows}
   for a, b in comparisons:
-    d = study.paired_difference(rows, a, b)
     claim = f"{a} {expected[(a, b)]}" if (a, b) in expected else "–"
+    if not {a, b} <= ran:
+      lines.append(f"| {a} - {b} | 0 | – | {claim} | not run yet |")
+      continue
+    d = study.paired_difference(rows, a, b)
     lines.append(f"| {a} - {b} | {d['n']} | {d['diff']:+.4f} ± {d['se']:.2g} | {claim} | "
                  f"{verdict(d, expected.get((a, b)))} |")
   return lines
@@ -282,7 +291,11 @@ def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[st
     lines += [f"![{finding.name} {png[:-4]}]({_link(os.path.join(out_dir, png), page_dir)})", ""]
   lines += [f"**Re-run:** `{command}`. Compute: "
             f"{compute_line(rows, shared)}.", "", "**What it says.**", ""]
+  ran = {r["arm"] for r in rows}
   for a, b in finding.comparisons:
+    if not {a, b} <= ran:
+      lines.append(f"- {a} - {b}: not run yet (its arms have no results).")
+      continue
     d = study.paired_difference(rows, a, b)
     lines.append(f"- {a} - {b} = {d['diff']:+.4f} ± {d['se']:.2g} (SE, {d['n']} seeds): "
                  f"{verdict(d, finding.expected.get((a, b)))}.")

@@ -67,6 +67,7 @@ def test_every_study_config_runs_its_miniature_and_resumes(path, study_root):
   arms = [a["name"] for a in finding.arms]
   assert [r["arm"] for r in rows] == arms and all(r["eval_loss"] > 0 for r in rows)
   assert all(r["tokens_per_s"] > 0 and r["train_s"] > 0 for r in rows)
+  assert all(r["eval_loss_python"] > 0 and r["eval_loss_english"] > 0 for r in rows)
   shared = study.shared_rows(finding.shared, workdir)
   out_dir = str(study_root / "results" / finding.name)
   plots = study_report.write_results(rows, finding, workdir, out_dir, shared)
@@ -140,3 +141,15 @@ def test_the_results_page_lists_a_finding_not_run_with_its_command(tmp_path):
   page = study_report.render_page([finding], str(tmp_path), str(tmp_path))
   assert f"**Not run yet.** Run: `{finding.command} --results_dir={tmp_path}`." in page
   assert "## The seed model" in page and "Not trained yet" in page
+
+
+def test_a_finding_can_run_part_of_its_arms_and_report_the_rest_as_not_run():
+  finding = study.Finding.load(os.path.join(ROOT, "configs", "study", "upcycling.py"), "runlocal")
+  part = finding.only(["upcycled", "dense"])
+  assert [a["name"] for a in part.arms] == ["upcycled", "dense"] and finding.only([]) is finding
+  with pytest.raises(ValueError, match=r"--arms: \['nope'\] are not arms of upcycling"):
+    finding.only(["nope"])
+  rows = _rows([("upcycled", [3.0, 3.1], 0.9), ("dense", [3.2, 3.3], float("nan"))])
+  table = study_report.comparison_table(rows, finding.comparisons, finding.expected)
+  assert table[2].startswith("| upcycled - dense | 2 | -0.2000 ± ")
+  assert table[3] == "| upcycled - scratch_moe | 0 | – | upcycled lower | not run yet |"

@@ -93,6 +93,8 @@ def test_sigterm_saves_the_current_step(tmp_path):
   _wait_for_checkpoint(proc, work, 4)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=120) == 0
+  assert "stopped: SIGTERM: saved step" in proc.stderr.read()
+  assert not (work / "final.json").exists()  # not finished: a sweep or study resumes it
   stopped = max(_losses(work))
   assert max(_steps(work)) == stopped and stopped < 400
   resumed = subprocess.run(_cmd(work, f"--config.loop.steps={stopped + 1}", DENSE), cwd=ROOT,

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from moe_jax import errors
 from moe_jax import metrics as metrics_lib
 from moe_jax import sharding
 from moe_jax.data import pipeline
@@ -55,7 +56,8 @@ class LoopConfig:
 
 
 class Preempted:
-  """Set by SIGTERM; the loop saves at the next step boundary and exits 0."""
+  """Set by SIGTERM; the loop saves at the next step boundary and raises errors.Stopped
+  (the binaries exit 0; the run is not finished, and the same command resumes it)."""
 
   def __init__(self):
     self.flag = False
@@ -178,6 +180,16 @@ def evaluate_batches(model, batches: list[dict], mesh, global_rows: int | None =
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
+def held_out_batches(eval_docs: list[np.ndarray], loop: LoopConfig, mesh=None) -> list[dict]:
+  """The first loop.eval_batches batches of the held-out documents (this process's rows).
+  They do not depend on loop.seed: runs that differ only in their seed (the study's
+  seeds, a sweep's) are all scored on the same tokens."""
+  shard, count = sharding.data_shard(mesh, loop.batch_size) if mesh is not None else (0, 1)
+  it = iter(pipeline.packed_dataset(eval_docs, loop.seq_len, loop.batch_size, EVAL_SEED,
+                                    shard_index=shard, shard_count=count, num_epochs=1))
+  return [pipeline.to_batch(b) for _, b in zip(range(loop.eval_batches), it)]
+
+
 def _progress(total: int, start: int):
   if sys.stdout.isatty():
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -209,11 +221,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   shard, count = sharding.data_shard(mesh, loop.batch_size) if mesh is not None else (0, 1)
   data_iter = iter(pipeline.packed_dataset(train_docs, loop.seq_len, loop.batch_size, loop.seed,
                                            shard_index=shard, shard_count=count))
-  # The held-out batches do not depend on loop.seed: runs that differ only in their seed
-  # (the study's seeds, a sweep's) are all scored on the same tokens.
-  eval_iter = iter(pipeline.packed_dataset(eval_docs, loop.seq_len, loop.batch_size, EVAL_SEED,
-                                           shard_index=shard, shard_count=count, num_epochs=1))
-  eval_set = [pipeline.to_batch(b) for _, b in zip(range(loop.eval_batches), eval_iter)]
+  eval_set = held_out_batches(eval_docs, loop, mesh)
   mngr = train_ckpt.manager(workdir, loop.keep)
   state = nnx.state((model, optimizer))
   start = (mngr.latest_step() or 0) if resume_step is None else resume_step
@@ -231,6 +239,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   last: dict[str, float] = {}
   t_last, tokens_since = time.time(), 0.0
   pending: list[tuple[int, dict]] = []  # (step, metrics on the device) not yet checked
+  stop, done = False, start
   with Preempted() as preempted:
     for step in range(start, loop.steps):
       batch = pipeline.to_batch(next(data_iter))
@@ -292,4 +301,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   writer.close()
   if bar is not None:
     bar.close()
+  if stop and done < loop.steps:
+    raise errors.Stopped(f"SIGTERM: saved step {done} of {loop.steps} in {mngr.directory}; "
+                         "the same command resumes")
   return last
