@@ -57,6 +57,7 @@ class Finding:
   expected: dict[tuple[str, str], str]
   axis: tuple[str, str] | None
   seeds: int
+  steps: int                               # each arm's continued training (the base config's)
 
   @classmethod
   def load(cls, path: str, arg: str | None = None) -> "Finding":
@@ -72,7 +73,8 @@ class Finding:
                question=getattr(mod, "QUESTION", ""), claim=getattr(mod, "CLAIM", ""),
                arms=tuple(mod.arms(arg)), shared=tuple(mod.shared(arg)),
                comparisons=tuple(mod.COMPARISONS), expected=expected,
-               axis=getattr(mod, "AXIS", None), seeds=mod.SEEDS)
+               axis=getattr(mod, "AXIS", None), seeds=mod.SEEDS,
+               steps=mod.get_config(arg).loop.steps)
 
   def only(self, names: list[str]) -> "Finding":
     """This finding with only the arms `names` (all for []); unknown names fail."""
@@ -83,6 +85,12 @@ class Finding:
     if unknown:
       raise ValueError(f"--arms: {unknown} are not arms of {self.name} (its arms: {known})")
     return dataclasses.replace(self, arms=tuple(a for a in self.arms if a[sweep.NAME] in names))
+
+  def plan(self) -> str:
+    """Its size: arms, seeds and steps per run (an arm may set its own steps)."""
+    steps = sorted({a.get("loop.steps", self.steps) for a in self.arms})
+    return (f"{len(self.arms)} arms x {self.seeds} seeds = {len(self.arms) * self.seeds} "
+            f"runs of {' or '.join(map(str, steps))} steps")
 
   def axis_values(self) -> dict[str, Any]:
     """{arm: its value of AXIS's key, or its name where it sets none} ({} without AXIS)."""

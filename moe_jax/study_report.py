@@ -281,7 +281,7 @@ def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[st
   command = f"{finding.command} --results_dir={root}"
   results = os.path.join(out_dir, "results.csv")
   if not os.path.exists(results):
-    return lines + [f"**Not run yet.** Run: `{command}`.", ""]
+    return lines + [f"**Not run yet** ({finding.plan()}). Run: `{command}`.", ""]
   rows, shared = read_csv(results), read_csv(os.path.join(out_dir, "shared.csv"))
   seeds = min(len(v) for v in by_arm(rows).values())
   lines += [f"**Ours** ({seeds} seeds per arm, held-out loss at equal tokens):", "",
@@ -289,7 +289,7 @@ def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[st
                                                    finding.expected), ""]
   for png in sorted(p for p in os.listdir(out_dir) if p.endswith(".png")):
     lines += [f"![{finding.name} {png[:-4]}]({_link(os.path.join(out_dir, png), page_dir)})", ""]
-  lines += [f"**Re-run:** `{command}`. Compute: "
+  lines += [f"**Re-run:** `{command}` ({finding.plan()}). Compute: "
             f"{compute_line(rows, shared)}.", "", "**What it says.**", ""]
   ran = {r["arm"] for r in rows}
   for a, b in finding.comparisons:

@@ -139,7 +139,8 @@ def test_expected_signs_must_name_a_comparison(tmp_path):
 def test_the_results_page_lists_a_finding_not_run_with_its_command(tmp_path):
   finding = study.Finding.load(os.path.join(ROOT, "configs", "study", "routing.py"))
   page = study_report.render_page([finding], str(tmp_path), str(tmp_path))
-  assert f"**Not run yet.** Run: `{finding.command} --results_dir={tmp_path}`." in page
+  assert (f"**Not run yet** (2 arms x 3 seeds = 6 runs of 300 steps). Run: "
+          f"`{finding.command} --results_dir={tmp_path}`.") in page
   assert "## The seed model" in page and "Not trained yet" in page
 
 
