@@ -91,21 +91,26 @@ def verdict(d: dict, expected: str | None = None) -> str:
   return said
 
 
+def differences(rows: list[dict], comparisons: Iterable[tuple[str, str]]):
+  """(a, b, paired difference of held-out loss, or None where an arm has no rows)."""
+  ran = {r["arm"] for r in rows}
+  for a, b in comparisons:
+    yield a, b, study.paired_difference(rows, a, b) if {a, b} <= ran else None
+
+
 def comparison_table(rows: list[dict], comparisons: Iterable[tuple[str, str]],
                      expected: dict[tuple[str, str], str] | None = None) -> list[str]:
   """Markdown: each comparison's mean paired difference ± SE, and its verdict."""
   expected = expected or {}
   lines = ["| comparison | seeds | held-out loss difference (mean ± SE) | claim | verdict |",
            "|---|---|---|---|---|"]
-  ran = {r["arm"] for r in rows}
-  for a, b in comparisons:
+  for a, b, d in differences(rows, comparisons):
     claim = f"{a} {expected[(a, b)]}" if (a, b) in expected else "–"
-    if not {a, b} <= ran:
+    if d is None:
       lines.append(f"| {a} - {b} | 0 | – | {claim} | not run yet |")
-      continue
-    d = study.paired_difference(rows, a, b)
-    lines.append(f"| {a} - {b} | {d['n']} | {d['diff']:+.4f} ± {d['se']:.2g} | {claim} | "
-                 f"{verdict(d, expected.get((a, b)))} |")
+    else:
+      lines.append(f"| {a} - {b} | {d['n']} | {d['diff']:+.4f} ± {d['se']:.2g} | {claim} | "
+                   f"{verdict(d, expected.get((a, b)))} |")
   return lines
 
 
@@ -291,13 +296,9 @@ def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[st
     lines += [f"![{finding.name} {png[:-4]}]({_link(os.path.join(out_dir, png), page_dir)})", ""]
   lines += [f"**Re-run:** `{command}` ({finding.plan()}). Compute: "
             f"{compute_line(rows, shared)}.", "", "**What it says.**", ""]
-  ran = {r["arm"] for r in rows}
-  for a, b in finding.comparisons:
-    if not {a, b} <= ran:
-      lines.append(f"- {a} - {b}: not run yet (its arms have no results).")
-      continue
-    d = study.paired_difference(rows, a, b)
-    lines.append(f"- {a} - {b} = {d['diff']:+.4f} ± {d['se']:.2g} (SE, {d['n']} seeds): "
+  for a, b, d in differences(rows, finding.comparisons):
+    lines.append(f"- {a} - {b}: not run yet (its arms have no results)." if d is None else
+                 f"- {a} - {b} = {d['diff']:+.4f} ± {d['se']:.2g} (SE, {d['n']} seeds): "
                  f"{verdict(d, finding.expected.get((a, b)))}.")
   if finding.axis:
     lines += [f"- {t}." for t in trends(rows, finding.axis_values(), finding.axis[1])]

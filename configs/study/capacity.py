@@ -20,16 +20,7 @@ AXIS = ("moe.capacity_factor", "capacity factor")
 SEEDS = 3
 
 
-def _args(arg):
-  return common.finding_args(arg, steps=250)
-
-
-def get_config(arg=None):
-  return common.finding_config(_args(arg))
-
-
-def shared(arg=None):
-  return common.shared(_args(arg))
+get_config, shared = common.interface(steps=250)
 
 
 def arms(arg=None):

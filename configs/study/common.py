@@ -69,6 +69,20 @@ def shared(a: ml_collections.ConfigDict):
   yield seed_run(a.runlocal)
 
 
+def interface(steps: int, upcycle: dict | None = None, **defaults):
+  """(get_config, shared) of a finding module. Its arguments are steps, runlocal and
+  `defaults` (`experts`, 8 unless given, is the upcycle's expert count); get_config(arg)
+  is the base train config with the `upcycle` overrides, shared(arg) its shared runs."""
+  def args(arg=None) -> ml_collections.ConfigDict:
+    return finding_args(arg, steps=steps, **defaults)
+
+  def get_config(arg=None) -> ml_collections.ConfigDict:
+    a = args(arg)
+    return finding_config(a, a.get("experts", 8), **(upcycle or {}))
+
+  return get_config, lambda arg=None: shared(args(arg))
+
+
 def flops_ratio(c: ml_collections.ConfigDict, method: str = "copy") -> float:
   """Training FLOPs per token of the MoE that config `c`'s upcycle section makes of the
   seed by `method`, over the dense seed's (the vocabulary taken at its requested size)."""

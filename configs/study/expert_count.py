@@ -19,16 +19,7 @@ AXIS = ("upcycle.num_experts", "experts E")
 SEEDS = 3
 
 
-def _args(arg):
-  return common.finding_args(arg, steps=150)
-
-
-def get_config(arg=None):
-  return common.finding_config(_args(arg))
-
-
-def shared(arg=None):
-  return common.shared(_args(arg))
+get_config, shared = common.interface(steps=150)
 
 
 def arms(arg=None):

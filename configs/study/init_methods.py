@@ -20,16 +20,7 @@ COMPARISONS = (("drop", "copy"), ("noise", "copy"), ("partition", "copy"))
 SEEDS = 3
 
 
-def _args(arg):
-  return common.finding_args(arg, steps=250)
-
-
-def get_config(arg=None):
-  return common.finding_config(_args(arg), drop_ratio=0.5)
-
-
-def shared(arg=None):
-  return common.shared(_args(arg))
+get_config, shared = common.interface(steps=250, upcycle={"drop_ratio": 0.5})
 
 
 def arms(arg=None):

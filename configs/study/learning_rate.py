@@ -21,16 +21,7 @@ AXIS = ("optim.lr", "peak learning rate")
 SEEDS = 3
 
 
-def _args(arg):
-  return common.finding_args(arg, steps=200)
-
-
-def get_config(arg=None):
-  return common.finding_config(_args(arg))
-
-
-def shared(arg=None):
-  return common.shared(_args(arg))
+get_config, shared = common.interface(steps=200)
 
 
 def arms(arg=None):

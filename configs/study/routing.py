@@ -20,16 +20,7 @@ COMPARISONS = (("softmax_topk", "topk_softmax"),)
 SEEDS = 3
 
 
-def _args(arg):
-  return common.finding_args(arg, steps=300)
-
-
-def get_config(arg=None):
-  return common.finding_config(_args(arg))
-
-
-def shared(arg=None):
-  return common.shared(_args(arg))
+get_config, shared = common.interface(steps=300)
 
 
 def arms(arg=None):

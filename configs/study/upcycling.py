@@ -25,17 +25,7 @@ COMPARISONS = (("upcycled", "dense"), ("upcycled", "scratch_moe"), ("upcycled", 
 SEEDS = 3
 
 
-def _args(arg):
-  return common.finding_args(arg, steps=300, experts=8)
-
-
-def get_config(arg=None):
-  a = _args(arg)
-  return common.finding_config(a, a.experts)
-
-
-def shared(arg=None):
-  return common.shared(_args(arg))
+get_config, shared = common.interface(steps=300, experts=8)
 
 
 def arms(arg=None):
