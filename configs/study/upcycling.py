@@ -13,7 +13,8 @@ FINDING = 1
 TITLE = "Sparse upcycling against dense continuation and an MoE from scratch"
 QUESTION = ("Does a copy-upcycled MoE (8 experts, top-2) learn more from the same tokens "
             "than the dense seed trained on, and than an MoE of the same shape trained from "
-            "scratch? And per training FLOP, since the MoE costs more per token?")
+            "scratch? And at equal training FLOPs, since the MoE costs more per token: "
+            "dense_flops continues the seed for as many FLOPs as the upcycled run spends.")
 CLAIM = ("Komatsuzaki et al. (sparse upcycling, T5 and ViT): upcycled models beat dense "
          "continuation at about 50% of the dense pre-training cost, and beat MoEs trained "
          "from scratch on the same budget. Nemotron-4 15B upcycled on 1T tokens: MMLU 67.6 "
