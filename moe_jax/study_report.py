@@ -172,23 +172,35 @@ def _mean_curve(run_dirs: list[str]) -> tuple[np.ndarray, ...]:
   return np.asarray(steps), ys.mean(0), ys.min(0), ys.max(0)
 
 
-def plot_curves(rows: list[dict], workdir: str, out_dir: str, title: str) -> list[str]:
+def plot_curves(rows: list[dict], workdir: str, out_dir: str, title: str,
+                zoom: float = 1.1) -> list[str]:
   """Held-out loss against training tokens and against training FLOPs, one curve per arm
   (mean over its seeds) with a band from the lowest to the highest seed; the curves are
-  read from the runs below `workdir`."""
+  read from the runs below `workdir`. When an arm ends above `zoom` times the best arm's
+  loss, a second panel shows only the arms below it, on their own scale."""
   arms = by_arm(rows)
   curves = {arm: _mean_curve([os.path.join(workdir, study.run_name(arm, r["seed"]))
                               for r in mine]) for arm, mine in arms.items()}
+  best = min(c[1][-1] for c in curves.values())
+  close = [a for a, c in curves.items() if c[1][-1] <= zoom * best]
+  panels = [list(curves)] + ([close] if len(close) < len(curves) else [])
   paths = []
   for key, label in (("tokens", "training tokens"), ("train_flops", "training FLOPs")):
-    fig, ax = plotting.subplots(figsize=(7, 4.2), layout="constrained")
-    for arm, (steps, mean, lo, hi) in curves.items():
-      first = arms[arm][0]
-      x = steps * (first[key] / first["steps"])  # the same per step for every seed
-      ax.plot(x, mean, "o-", ms=3, label=f"{arm} ({len(arms[arm])} seeds)")
-      ax.fill_between(x, lo, hi, alpha=0.2)
-    ax.set(xlabel=label, ylabel="held-out loss", title=title)
-    ax.legend(fontsize=8)
+    fig, axes = plotting.subplots(1, len(panels), figsize=(7 * len(panels), 4.2),
+                                  layout="constrained", squeeze=False)
+    for ax, shown in zip(axes[0], panels):
+      for i, arm in enumerate(curves):
+        if arm not in shown:
+          continue
+        steps, mean, lo, hi = curves[arm]
+        first = arms[arm][0]
+        x = steps * (first[key] / first["steps"])  # the same per step for every seed
+        ax.plot(x, mean, "o-", ms=3, color=f"C{i}", label=f"{arm} ({len(arms[arm])} seeds)")
+        ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.2)
+      ax.set(xlabel=label, ylabel="held-out loss",
+             title=title if len(shown) == len(curves) else f"{title}: the arms within "
+             f"{zoom - 1:.0%} of the best")
+      ax.legend(fontsize=8)
     paths.append(os.path.join(out_dir, f"loss_vs_{key}.png"))
     fig.savefig(paths[-1], dpi=110)
   return paths
