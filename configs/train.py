@@ -41,8 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # batch splits over data*fsdp*expert; expert > 1 makes the MoE dispatch expert-parallel
   # (all_to_all over `expert`). Pod slice shapes: README "TPU pods", moe_jax/launch.py.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
-  # data.source: stdlib (the embedded Python) | stdlib+pydoc (and the English pydoc topics,
-  # each domain with its own held-out split) | a local .jsonl/.txt | hf:json:FILES,
+  # data.source: stdlib (the embedded Python) | pydoc (the English pydoc topics) |
+  # stdlib+pydoc (both, interleaved, each domain with its own held-out split) | a local .jsonl/.txt | hf:json:FILES,
   # hf:parquet:FILES, hf:text:FILES, hf:csv:FILES (read through `datasets`, FILES may be a
   # glob) | hf:<hub name>. `field` names the text column; the first 5% is held out for eval
   # unless the dataset has a validation or test split.

@@ -230,6 +230,8 @@ def data_texts(config) -> tuple[list[str], list[str]]:
     if src == "stdlib+pydoc":  # both domains; each keeps its own held-out split
       train_docs, eval_docs = (corpus.interleave(train_docs, corpus.pydoc_documents("train")),
                                corpus.interleave(eval_docs, corpus.pydoc_documents("valid")))
+  elif src == "pydoc":  # the English domain alone, with the same held-out split
+    train_docs, eval_docs = corpus.pydoc_documents("train"), corpus.pydoc_documents("valid")
   elif src.startswith("hf:"):
     train_docs, eval_docs = corpus.hf_documents(src[3:], config.data.field)
   else:

@@ -34,6 +34,19 @@ def test_stdlib_and_pydoc_source_holds_both_domains_with_their_held_out_splits()
   assert set(pydoc_valid) <= set(valid) and not set(valid) & set(train)
 
 
+def test_each_domain_alone_keeps_the_split_of_the_mixture():
+  """data.source=stdlib and =pydoc (domain branches) hold out exactly what stdlib+pydoc
+  holds out of that domain, so a branch never trains on the mixture's held-out text."""
+  config = lambda src: ml_collections.ConfigDict({"data": {"source": src, "field": "text",
+                                                           "max_docs": 0}})
+  both_train, both_valid = runs.data_texts(config("stdlib+pydoc"))
+  for src in ("stdlib", "pydoc"):
+    train, valid = runs.data_texts(config(src))
+    assert set(valid) <= set(both_valid) and set(train) <= set(both_train)
+  assert runs.domain_eval_texts(config("stdlib+pydoc"))["english"] == corpus.pydoc_documents("valid")
+  assert runs.domain_eval_texts(config("pydoc")) == {}
+
+
 def test_encode_batch_equals_encode():
   tok = tokenizer_lib.train_bpe(corpus.pydoc_documents("valid"), 400)
   texts = corpus.pydoc_documents("valid")[:4] + ["", "x = 1\n"]
