@@ -3,9 +3,11 @@
 Continued training of an upcycled (or dense) model. The starting point is `init`:
 '' (the embedded SmolLM2-135M-Instruct), an HF dir, a .gguf, a moe_jax checkpoint (e.g.
 experiments.upcycle's workdir), or 'scratch' (a small random model). With a dense start
-and method != none, the model is upcycled on the fly by the `upcycle` section.
-Arguments: method (none = dense | copy | virtual_group | partition | drop | noise),
-experts, topk, granularity, router, lr, steps, runlocal, scratch.
+and method != none, the model is upcycled on the fly by the `upcycle` section; with
+method=merge (BTX) or bam (BAM), `init` lists one dense checkpoint per expert,
+comma-separated, and they are merged on the fly (bam: attention experts per `moa`).
+Arguments: method (none = dense | copy | virtual_group | partition | drop | noise |
+merge | bam), experts, topk, granularity, router, lr, steps, runlocal, scratch.
 """
 import ml_collections
 
@@ -28,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       router=a.router, norm_topk_prob=False, partition="random", output_scale=0.0,
       drop_ratio=0.5, drop_shared_indices=False, noise_std=0.02, shared_expert=False))
   c.layers = "all"                 # which layers become MoE
+  # method=bam: attention experts in moa.layers (top_k 0 = soft, all experts; shared_kv:
+  # one k/v projection, the sources' averaged).
+  c.moa = ml_collections.ConfigDict(dict(top_k=0, shared_kv=False, layers="all"))
   c.router_init = "normal"
   c.router_std = 0.02
   c.moe = ml_collections.ConfigDict(dict(backend="dropless", capacity_factor=1.0,

@@ -19,7 +19,6 @@ from moe_jax import evaluate as eval_lib, generation
 from moe_jax.convert import load
 from moe_jax.data import corpus, pipeline
 from moe_jax.train import init_plan, loop as loop_lib, optim
-from moe_jax.moe.attention import MoaConfig
 from moe_jax.upcycle import calibrate, convert, merge as merge_lib, methods
 
 
@@ -145,24 +144,17 @@ def upcycle(config, workdir: str) -> dict:
   if os.path.isdir(workdir) and os.listdir(workdir) and not config.overwrite:
     raise FileExistsError(f"{workdir}: exists and is not empty (set --config.overwrite=True)")
   spec = methods.UpcycleSpec(**config.upcycle)
-  merge = [load.open_source(s) for s in config.merge_sources.split(",") if s]
-  if spec.method in methods.MERGE_METHODS and not merge:
-    raise ValueError(f"config.merge_sources: method={spec.method} needs one dense checkpoint "
-                     "per expert, comma-separated")
-  if merge and len(merge) != spec.num_experts:
-    raise ValueError(f"config.upcycle.num_experts={spec.num_experts}, but config.merge_sources "
-                     f"names {len(merge)} checkpoints: expected one per expert")
+  paths = [s for s in config.merge_sources.split(",") if s]
+  merge = (merge_lib.open_sources(paths, spec, config.moa.shared_kv)
+           if paths or spec.method in methods.MERGE_METHODS else [])
   src = merge[0] if merge else load.open_source(config.source)
-  if merge:
-    merge_lib.check_sources(merge, spec.method == "bam" and config.moa.shared_kv)
-  elif src.is_moe:
+  if src.is_moe:
     raise ValueError(f"{src.path}: already an MoE model; expected a dense checkpoint")
   if config.block not in ("", src.cfg.block):
     raise ValueError(f"config.block={config.block!r}: {src.path} is a {src.cfg.block} model "
                      "and upcycling keeps its function, so its block form stays ('' = keep)")
-  moe_cfg = convert.moe_model_config(src.cfg, spec, config.layers, backend=config.backend)
-  if spec.method == "bam":
-    moe_cfg = moe_cfg.replace(moa=MoaConfig(len(merge), **config.moa))
+  moe_cfg = merge_lib.merged_model_config(src.cfg, spec, config.layers, config.moa.to_dict(),
+                                          backend=config.backend)
   tok = src.tokenizer() if src.has_tokenizer() else None
   if tok is None and (config.router_init in ("kmeans", "hidden") or config.eval_windows):
     raise ValueError(f"{src.path}: no tokenizer.json, needed for router_init="
@@ -241,10 +233,14 @@ def data_texts(config) -> tuple[list[str], list[str]]:
   return train_docs, eval_docs
 
 
+EMBEDDED_SOURCES = ("stdlib", "pydoc", "stdlib+pydoc")  # the embedded text's domains
+
+
 def domain_eval_texts(config) -> dict[str, list[str]]:
-  """{domain: its held-out documents} of a source with several domains (stdlib+pydoc:
-  python and english), for a loss per domain at the end of a run; {} otherwise."""
-  if config.data.source != "stdlib+pydoc":
+  """{domain: its held-out documents} for a run on the embedded text (python and english,
+  whichever of them the run trains on: a domain branch is scored on the other domain too),
+  for a loss per domain at the end of a run; {} for other sources."""
+  if config.data.source not in EMBEDDED_SOURCES:
     return {}
   return {"python": corpus.stdlib_documents("valid"), "english": corpus.pydoc_documents("valid")}
 

@@ -118,11 +118,18 @@ def seeded_runs(arms: Iterable[dict[str, Any]], shared: Iterable[dict[str, Any]]
       raise ValueError(f"study arm {arm['name']!r}: loop.seed is set per seed by the study")
     for s in range(seeds):
       run = {**arm, sweep.NAME: run_name(arm[sweep.NAME], s), "loop.seed": s}
-      parent = sweep.parent_of(run)
-      if parent is not None and parent not in shared_names:  # an arm chained to an arm
-        run["init"] = sweep.RUN_PREFIX + run_name(parent, s)
+      if any(p not in shared_names for p in sweep.parents_of(run)):  # chained to arms
+        run["init"] = ",".join(_seeded_init(i, shared_names, s) for i in run["init"].split(","))
       out.append(run)
   return out
+
+
+def _seeded_init(init: str, shared_names: set[str], seed: int) -> str:
+  """One item of an arm's `init` for seed `seed`: another arm's run becomes that arm's
+  run of the same seed; a shared run or a checkpoint path stays."""
+  if not init.startswith(sweep.RUN_PREFIX) or init[len(sweep.RUN_PREFIX):] in shared_names:
+    return init
+  return sweep.RUN_PREFIX + run_name(init[len(sweep.RUN_PREFIX):], seed)
 
 
 def run_study(base, arms, shared, seeds: int, workdir: str, train_fn: Callable) -> list[dict]:

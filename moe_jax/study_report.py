@@ -50,6 +50,10 @@ def by_arm(rows: list[dict]) -> dict[str, list[dict]]:
   return out
 
 
+def _num(value: float, fmt: str) -> str:
+  return "–" if math.isnan(value) else f"{value:{fmt}}"
+
+
 def _pm(values: list[float], fmt: str) -> str:
   if all(math.isnan(v) for v in values):
     return "–"
@@ -74,6 +78,20 @@ def arm_table(rows: list[dict]) -> list[str]:
                  f"{first['tokens']:.3g} | {first['train_flops']:.3g} | "
                  f"{_pm(col('tokens_per_s'), '.0f')} |")
   return lines
+
+
+def shared_table(shared: list[dict]) -> list[str]:
+  """Markdown: the runs every seed starts from (a seed, domain branches), one line each
+  with its held-out loss per domain; [] when there is only the seed."""
+  if len(shared) < 2:
+    return []
+  lines = ["| shared run | held-out loss | " + " | ".join(study.DOMAINS) + " | tokens | "
+           "minutes |", "|---" * (4 + len(study.DOMAINS)) + "|"]
+  for r in shared:
+    domains = " | ".join(_num(r.get(f"eval_loss_{d}", math.nan), ".4f") for d in study.DOMAINS)
+    lines.append(f"| {r['arm']} | {r['eval_loss']:.4f} | {domains} | {r['tokens']:.3g} | "
+                 f"{r['train_s'] / 60:.0f} |")
+  return lines + [""]
 
 
 def verdict(d: dict, expected: str | None = None) -> str:
@@ -302,8 +320,8 @@ def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[st
   rows, shared = read_csv(results), read_csv(os.path.join(out_dir, "shared.csv"))
   seeds = min(len(v) for v in by_arm(rows).values())
   lines += [f"**Ours** ({seeds} seeds per arm; each arm's losses at its last step):", "",
-            *arm_table(rows), "", *comparison_table(rows, finding.comparisons,
-                                                   finding.expected), ""]
+            *arm_table(rows), "", *shared_table(shared),
+            *comparison_table(rows, finding.comparisons, finding.expected), ""]
   for png in sorted(p for p in os.listdir(out_dir) if p.endswith(".png")):
     lines += [f"![{finding.name} {png[:-4]}]({_link(os.path.join(out_dir, png), page_dir)})", ""]
   lines += [f"**Re-run:** `{command}` ({finding.plan()}). Compute: "

@@ -3,7 +3,8 @@ finished runs are skipped on restart, and the results go to CSV, markdown and PN
 
 Runs can be chained: an override set may carry a `name` (its directory; otherwise the
 overrides spell it) and `init: "run:<name>"`, which starts it from that earlier run's
-final checkpoint. The sweep runs each run after the one it starts from.
+final checkpoint. A merge (upcycle.method=merge|bam) lists several, comma-separated:
+`init: "run:a,run:b"`. The sweep runs each run after the ones it starts from.
 """
 from __future__ import annotations
 
@@ -28,13 +29,18 @@ def run_name(overrides: dict[str, Any]) -> str:
   return ",".join(f"{k}={v}" for k, v in overrides.items()).replace("/", "_") or "base"
 
 
-def parent_of(overrides: dict[str, Any]) -> str | None:
+def _inits(overrides: dict[str, Any]) -> list[str]:
   init = overrides.get("init")
-  return init[len(RUN_PREFIX):] if isinstance(init, str) and init.startswith(RUN_PREFIX) else None
+  return init.split(",") if isinstance(init, str) else []
+
+
+def parents_of(overrides: dict[str, Any]) -> list[str]:
+  """The runs of this sweep that a run starts from (its `init`'s `run:<name>` items)."""
+  return [i[len(RUN_PREFIX):] for i in _inits(overrides) if i.startswith(RUN_PREFIX)]
 
 
 def order(sweep: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-  """The override sets with every run after the run it starts from (else as given);
+  """The override sets with every run after the runs it starts from (else as given);
   one-line errors for duplicate names, unknown parents and cycles."""
   by_name: dict[str, dict[str, Any]] = {}
   for o in sweep:
@@ -48,8 +54,7 @@ def order(sweep: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
       return
     if name in chain:
       raise ValueError(f"sweep: runs {' -> '.join(chain + (name,))} form a cycle")
-    parent = parent_of(by_name[name])
-    if parent is not None:
+    for parent in parents_of(by_name[name]):
       if parent not in by_name:
         raise ValueError(f"sweep run {name!r}: init={RUN_PREFIX}{parent} names no run of this "
                          f"sweep (runs: {sorted(by_name)})")
@@ -62,11 +67,13 @@ def order(sweep: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def resolve(overrides: dict[str, Any], workdir: str) -> dict[str, Any]:
-  """Config overrides of one run: without its name, `init: run:<name>` as a directory."""
+  """Config overrides of one run: without its name, each `run:<name>` of `init` as a
+  directory."""
   out = {k: v for k, v in overrides.items() if k != NAME}
-  parent = parent_of(out)
-  if parent is not None:
-    out["init"] = os.path.join(os.path.abspath(workdir), parent)
+  if parents_of(out):
+    root = os.path.abspath(workdir)
+    out["init"] = ",".join(os.path.join(root, i[len(RUN_PREFIX):]) if i.startswith(RUN_PREFIX)
+                           else i for i in _inits(out))
   return out
 
 

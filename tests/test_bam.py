@@ -19,9 +19,10 @@ from configs import analyze as analyze_config
 from configs import evaluate as eval_config
 from configs import train as train_config
 from configs import upcycle as upcycle_config
-from moe_jax import checkpoint, runs, sweep
+from moe_jax import checkpoint, runs, sharding, sweep
 from moe_jax.convert import load
 from moe_jax.data import corpus
+from moe_jax.train import init_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,17 +131,24 @@ def _train(workdir, init, data, steps=2, **overrides):
   return runs.train(c, str(workdir))
 
 
-def test_bam_of_three_trained_models_trains_evaluates_and_is_analysed(tmp_path):
-  """BAM's setup in miniature: a parallel-block seed trained from scratch (with its own
-  small BPE vocabulary), three branches trained on from it on different texts, merged by
-  BAM with shared KV, then trained on, evaluated (with a completion) and analysed
-  through the library's jobs."""
+@pytest.fixture(scope="module")
+def branched(tmp_path_factory):
+  """(tmp dir, texts, branches): a parallel-block seed trained from scratch (with its own
+  small BPE vocabulary), and three branches trained on from it on different texts."""
+  tmp_path = tmp_path_factory.mktemp("branched")
   texts = _texts(tmp_path)
   _train(tmp_path / "seed", "scratch", texts[2])
   branches = []
   for i, text in enumerate(texts):
     _train(tmp_path / f"branch{i}", str(tmp_path / "seed"), text, **{"loop.seed": i})
     branches.append(str(tmp_path / f"branch{i}"))
+  return tmp_path, texts, branches
+
+
+def test_bam_of_three_trained_models_trains_evaluates_and_is_analysed(branched):
+  """BAM's setup in miniature: the branches merged by BAM with shared KV, then trained
+  on, evaluated (with a completion) and analysed through the library's jobs."""
+  tmp_path, texts, branches = branched
   _upcycle(tmp_path / "bam", branches, **{"moa.shared_kv": True})
   cfg = load.open_source(str(tmp_path / "bam")).cfg
   assert cfg.block == "parallel" and cfg.moa.shared_kv and cfg.moe.top_k == 1
@@ -158,6 +166,37 @@ def test_bam_of_three_trained_models_trains_evaluates_and_is_analysed(tmp_path):
   result = runs.analyze(c, str(tmp_path / "analysis"))
   assert result["reference"] is None and len(result["layers"]) == cfg.n_layers
   assert os.path.isfile(tmp_path / "analysis" / "report.md")
+
+
+@pytest.mark.parametrize("method,shared_kv", [("merge", False), ("bam", False), ("bam", True)])
+def test_train_merges_on_the_fly_as_the_upcycle_binary_does(branched, tmp_path, method,
+                                                             shared_kv):
+  """train with upcycle.method=merge|bam and a list of dense inits builds, before its first
+  step, exactly the model that experiments.upcycle writes from the same sources (routers
+  drawn from the same seed), then trains from it and records every source."""
+  _, texts, branches = branched
+  _upcycle(tmp_path / "offline", branches, f"method={method},topk=1",
+           **{"moa.shared_kv": shared_kv})
+  c = train_config.get_config(f"runlocal,method={method},experts=3,topk=1")
+  c = sweep.apply(c, {"init": ",".join(branches), "layers": "all", "moa.shared_kv": shared_kv,
+                      "mesh.fsdp": 1})
+  plan = init_plan.plan(c, str(tmp_path / "online"))
+  assert plan.kind == "merge" and plan.cfg == load.open_source(str(tmp_path / "offline")).cfg
+  online = nnx.to_flat_state(nnx.state(plan.build(sharding.make_mesh(), c.loop.seed)))
+  offline = dict(nnx.to_flat_state(nnx.state(checkpoint.load(str(tmp_path / "offline")))))
+  assert len(online) == len(offline)
+  for path, v in online:
+    np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(offline[path][...]),
+                                  err_msg=str(path))
+  last = _train(tmp_path / "online", ",".join(branches), texts[2],
+                **{"upcycle.method": method, "upcycle.num_experts": 3, "upcycle.top_k": 1,
+                   "layers": "all", "moa.shared_kv": shared_kv})
+  assert np.isfinite(last["loss"]) and ("moa/layer00/router_entropy" in last) == (method == "bam")
+  prov = load.open_source(str(tmp_path / "online")).meta["provenance"]
+  assert [p.startswith(b) for p, b in zip(prov["merge_sources"], branches)] == [True] * 3
+  assert [i["source"] for i in prov["merge_inits"]] == prov["merge_sources"]
+  with pytest.raises(ValueError, match=r"config.upcycle.num_experts=3, but config.init names 2 "):
+    init_plan.plan(sweep.apply(c, {"init": ",".join(branches[:2])}), str(tmp_path / "bad"))
 
 
 def _bad(tmp_path, *sources, **overrides):

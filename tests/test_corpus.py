@@ -43,8 +43,9 @@ def test_each_domain_alone_keeps_the_split_of_the_mixture():
   for src in ("stdlib", "pydoc"):
     train, valid = runs.data_texts(config(src))
     assert set(valid) <= set(both_valid) and set(train) <= set(both_train)
+    assert runs.domain_eval_texts(config(src)) == runs.domain_eval_texts(config("stdlib+pydoc"))
   assert runs.domain_eval_texts(config("stdlib+pydoc"))["english"] == corpus.pydoc_documents("valid")
-  assert runs.domain_eval_texts(config("pydoc")) == {}
+  assert runs.domain_eval_texts(config("x.jsonl")) == {}
 
 
 def test_encode_batch_equals_encode():

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from moe_jax import config_util, runs, study, study_report
+from moe_jax import config_util, runs, study, study_report, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "study", "*.py"))
@@ -23,6 +23,15 @@ def test_seeded_runs_share_batches_per_seed_and_chain_within_a_seed():
   assert [r["name"] for r in out] == ["../seed", "a/s0", "a/s1", "b/s0", "b/s1", "c/s0", "c/s1"]
   assert [r.get("loop.seed") for r in out] == [None, 0, 1, 0, 1, 0, 1]
   assert [r["init"] for r in out[1:5]] == ["run:../seed"] * 2 + ["run:a/s0", "run:a/s1"]
+  merged = study.seeded_runs([{"name": "m", "init": "run:../seed,run:c,/abs/ckpt"}, *arms[::-1]],
+                             shared, 1)
+  assert merged[1]["init"] == "run:../seed,run:c/s0,/abs/ckpt"  # a merge of several runs
+  order = [r["name"] for r in sweep.order(merged)]
+  assert order.index("m/s0") > max(order.index("../seed"), order.index("c/s0"))
+  assert order.index("b/s0") > order.index("a/s0")
+  assert sweep.resolve(merged[1], "/w")["init"] == "/w/../seed,/w/c/s0,/abs/ckpt"
+  with pytest.raises(ValueError, match="init=run:x names no run"):
+    sweep.order([{"name": "m", "init": "run:../seed,run:x"}, *shared])
   with pytest.raises(ValueError, match="needs a 'name'"):
     study.seeded_runs([{"init": "scratch"}], [], 1)
   with pytest.raises(ValueError, match="loop.seed is set per seed"):
@@ -83,6 +92,7 @@ def test_every_study_config_runs_its_miniature_and_resumes(path, study_root):
   assert go() == rows and len(trained) == n  # finished runs are skipped
   page = study_report.render_page([finding], str(study_root / "results"), str(study_root))
   assert f"## {finding.number}. {finding.title}" in page and "one seed: no standard error" in page
+  assert ("| shared run |" in page) == (len(shared) > 1)  # e.g. finding 8's domain branches
 
 
 def test_upcycled_experts_are_compared_with_the_seed(study_root):

@@ -37,10 +37,15 @@ def base(runlocal: bool, steps: int) -> ml_collections.ConfigDict:
   return c
 
 
-def seed_run(runlocal: bool, steps: int = 1600) -> dict:
-  """The shared pre-training run of the seed (dense, from scratch, a higher LR)."""
+SEEDS = {"sequential": SEED, "parallel": "../seed_parallel"}  # a seed per block form
+
+
+def seed_run(runlocal: bool, steps: int = 1600, block: str = "sequential") -> dict:
+  """The shared pre-training run of the seed (dense, from scratch, a higher LR), with
+  sequential blocks (every finding but 8) or parallel ones (BAM's seeds, finding 8)."""
   steps = 2 if runlocal else steps
-  return {"name": SEED, "init": "scratch", "upcycle.method": "none", "optim.lr": 1e-3,
+  return {"name": SEEDS[block], "init": "scratch", "scratch.block": block,
+          "upcycle.method": "none", "optim.lr": 1e-3,
           "loop.steps": steps, "optim.total_steps": steps, "loop.seed": 1000,
           "optim.warmup_steps": max(steps // 50, 1), "loop.ckpt_every": steps,
           "loop.eval_every": max(steps // 20, 1)}
@@ -58,9 +63,10 @@ def finding_args(arg: str | None, steps: int, **defaults) -> ml_collections.Conf
 
 def finding_config(a: ml_collections.ConfigDict, experts: int = 8,
                    **upcycle) -> ml_collections.ConfigDict:
-  """`base` for a finding's arguments `a`: its steps (2 at runlocal), `experts` top-2."""
+  """`base` for a finding's arguments `a`: its steps (2 at runlocal), `experts` top-2
+  unless `upcycle` says otherwise."""
   c = base(a.runlocal, 2 if a.runlocal else a.steps)
-  c.upcycle.update(num_experts=experts, top_k=2, **upcycle)
+  c.upcycle.update({"num_experts": experts, "top_k": 2, **upcycle})
   return c
 
 

@@ -7,7 +7,10 @@ from and the provenance the run's checkpoints will carry. Kinds:
   scratch   random params of `config.scratch` (an MoE of that shape with an upcycle spec);
   continue  a dense checkpoint trained further as it is (upcycle.method=none);
   upcycle   a dense checkpoint turned into an MoE on the fly by `config.upcycle`;
-  load      an MoE checkpoint (moe_jax, HF MoE, or another train run) trained further.
+  load      an MoE checkpoint (moe_jax, HF MoE, or another train run) trained further;
+  merge     several dense checkpoints (config.init, comma-separated, one per expert) merged
+            into one MoE on the fly by upcycle.method=merge (BTX) or bam (BAM, with the
+            attention experts of config.moa), moe_jax/upcycle/merge.py.
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ from moe_jax.config import ModelConfig
 from moe_jax.convert import load
 from moe_jax.models import llama
 from moe_jax.train import checkpoints as train_ckpt
-from moe_jax.upcycle import calibrate, convert, methods
+from moe_jax.upcycle import calibrate, convert, merge as merge_lib, methods
 
-KINDS = ("resume", "scratch", "continue", "upcycle", "load")
+KINDS = ("resume", "scratch", "continue", "upcycle", "load", "merge")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,7 @@ class InitPlan:
   upcycler: convert.Upcycler | None = None
   provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
   resume_step: int | None = None
+  merge: tuple[load.Source, ...] = ()     # merge: the dense sources, one per expert
 
   @property
   def num_experts(self) -> int | None:
@@ -46,8 +50,10 @@ class InitPlan:
 
   @property
   def prior_tokens(self) -> int:
-    """Tokens the init had already seen in training here (0 for outside checkpoints)."""
-    return int(self.source.meta.get("tokens_seen_total", 0)) if self.source else 0
+    """Tokens the init had already seen in training here (0 for outside checkpoints); for
+    a merge, every source's (a seed the branches share is counted once per branch)."""
+    return sum(int(s.meta.get("tokens_seen_total", 0)) for s in self.merge or
+               ([self.source] if self.source else []))
 
   def build(self, mesh, seed: int = 0) -> llama.Transformer:
     """The model with its params on `mesh` (a resume's random params are overwritten)."""
@@ -55,7 +61,11 @@ class InitPlan:
       return llama.create(self.cfg, seed, mesh=mesh)
     if self.kind in ("continue", "load"):
       return self.source.model(mesh, dtype=self.cfg.dtype)
-    items = convert.upcycle_items(self.source.cfg, self.source.tensors(), self.upcycler)
+    if self.kind == "merge":
+      items = merge_lib.merged_items(self.merge, self.cfg, self.upcycler,
+                                     self.upcycler.router_std)
+    else:
+      items = convert.upcycle_items(self.source.cfg, self.source.tensors(), self.upcycler)
     return sharding.place(convert.model_from_items(self.cfg, items), mesh)
 
 
@@ -75,6 +85,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
     cfg = dense if spec is None else convert.moe_model_config(dense, spec, config.layers,
                                                                **moe_over)
     return InitPlan("scratch", cfg, tok, provenance=_provenance(config, None, spec))
+  if spec is not None and spec.method in methods.MERGE_METHODS:
+    return _merge(config, spec, moe_over)
   src = load.open_source(config.init)
   tok = src.tokenizer()
   if src.is_moe or spec is None:
@@ -86,6 +98,24 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
                               _routers(config, src, tok, spec, cfg.moe_layer_ids))
   return InitPlan("upcycle", cfg.replace(dtype=config.dtype), tok, src, upcycler,
                   _provenance(config, src, spec))
+
+
+def _merge(config, spec: methods.UpcycleSpec, moe_over: dict) -> InitPlan:
+  """The plan of a run that merges the dense checkpoints config.init lists (BTX, BAM)."""
+  sources = merge_lib.open_sources([p for p in config.init.split(",") if p], spec,
+                                   config.moa.shared_kv, key="config.init")
+  if config.router_init != "normal":
+    raise ValueError(f"config.router_init={config.router_init!r}: a merge draws its routers "
+                     "('normal'); calibrated routers need one dense model")
+  cfg = merge_lib.merged_model_config(sources[0].cfg, spec, config.layers, config.moa.to_dict(),
+                                      **moe_over)
+  upcycler = convert.Upcycler(spec, cfg, config.router_init, config.router_std, config.loop.seed)
+  provenance = {**_provenance(config, sources[0], spec),
+                "merge_sources": [s.path for s in sources],
+                "merge_inits": [s.describe() for s in sources],
+                "moa": config.moa.to_dict() if spec.method == "bam" else None}
+  return InitPlan("merge", cfg.replace(dtype=config.dtype), sources[0].tokenizer(),
+                  sources[0], upcycler, provenance, merge=tuple(sources))
 
 
 def _readable_step(workdir: str) -> str | None:

@@ -19,11 +19,37 @@ import numpy as np
 from flax import traverse_util
 
 from moe_jax.config import ModelConfig
-from moe_jax.upcycle import methods, router_init
+from moe_jax.convert import load
+from moe_jax.moe.attention import MoaConfig
+from moe_jax.upcycle import convert, methods, router_init
 from moe_jax.upcycle.convert import Upcycler
 
 _FFN = ("w_gate", "w_up", "w_down")
 _ATTN = ("wq", "wk", "wv", "wo")
+
+
+def open_sources(paths: Sequence[str], spec: methods.UpcycleSpec, shared_kv: bool = False,
+                 key: str = "config.merge_sources") -> list:
+  """The dense checkpoints `paths` of a merge or bam (load.Source, one per expert),
+  checked against `spec` and each other; one-line errors name `key`, the config key that
+  listed them."""
+  if not paths:
+    raise ValueError(f"{key}: method={spec.method} needs one dense checkpoint per expert, "
+                     "comma-separated")
+  if len(paths) != spec.num_experts:
+    raise ValueError(f"config.upcycle.num_experts={spec.num_experts}, but {key} names "
+                     f"{len(paths)} checkpoints: expected one per expert")
+  sources = [load.open_source(p) for p in paths]
+  check_sources(sources, spec.method == "bam" and shared_kv)
+  return sources
+
+
+def merged_model_config(dense: ModelConfig, spec: methods.UpcycleSpec, layers: str,
+                        moa: dict, **moe_overrides) -> ModelConfig:
+  """The merged model's config: the sources' `dense` config with the MoE section, and
+  for bam the attention experts (`moa`: MoaConfig's fields but num_experts, one per source)."""
+  cfg = convert.moe_model_config(dense, spec, layers, **moe_overrides)
+  return cfg.replace(moa=MoaConfig(spec.num_experts, **moa)) if spec.method == "bam" else cfg
 
 
 def check_sources(sources: Sequence, shared_kv: bool = False) -> ModelConfig:
