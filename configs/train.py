@@ -38,6 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.moe = ml_collections.ConfigDict(dict(backend="dropless", capacity_factor=1.0,
                                          aux_loss_coeff=1e-2, z_loss_coeff=1e-3, jitter=0.0))
   c.dtype = "float32"
+  # Activation memory: none | full (each block recomputed in the backward pass) |
+  # save_dots (its matmul outputs kept, the rest recomputed). The same losses either way.
+  c.remat = "none"
+  # One lax.scan over the repeating unit of layers: compiles once per unit, not per layer
+  # (and remat then saves only each unit's input). Checkpoints are the same either way.
+  c.scan_layers = False
   # A resume (the workdir has a finished step) must match the saved run's config, except
   # for loop cadence, steps and mesh (moe_jax/train/init_plan.py RESUME_FREE). Deliberate
   # changes are named here, comma-separated keys or sections: 'optim.lr,optim.schedule'.

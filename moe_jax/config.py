@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
 BLOCKS = ("sequential", "parallel")
+# Activation rematerialisation in training (llama.REMAT_POLICIES): none, full (each block
+# recomputed in the backward pass, only its input kept), save_dots (matmul outputs kept).
+REMATS = ("none", "full", "save_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,10 @@ class ModelConfig:
   # seeds): x + Attn(norm x) + FFN(norm x), one norm per block.
   block: str = "sequential"
   moa: MoaConfig | None = None   # attention experts (BAM), in moa.layers
+  remat: str = "none"            # training only (REMATS); the same function either way
+  # The forward pass as one lax.scan over each repeating unit of layers (llama.py
+  # `scan_period`): one compiled body, not n_layers copies. Params stay per layer.
+  scan_layers: bool = False
 
   def __post_init__(self):
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -75,6 +82,8 @@ class ModelConfig:
         raise ValueError(f"model.{key}={getattr(self, key)!r}: expected one of {DTYPES}")
     if self.block not in BLOCKS:
       raise ValueError(f"model.block={self.block!r}: expected one of {BLOCKS}")
+    if self.remat not in REMATS:
+      raise ValueError(f"model.remat={self.remat!r}: expected one of {REMATS}")
     if self.moa is not None and (self.qkv_bias or self.qk_norm):
       raise ValueError("model.moa: attention experts are built for Llama-style attention; "
                        "expected qkv_bias=False and qk_norm=False")

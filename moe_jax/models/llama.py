@@ -20,6 +20,9 @@ from moe_jax.moe import layer as moe_layer
 
 _init = nnx.initializers.normal(0.02)
 
+# cfg.remat -> the jax.checkpoint policy of each block in training ('none': no remat).
+REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.checkpoint_dots}
+
 
 def _param(rngs: nnx.Rngs, shape, names, dtype, init=_init) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
@@ -226,11 +229,19 @@ class Transformer(nnx.Module):
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
     x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
     moe_stats, moa_stats, new_kv = {}, {}, []
+    run_block = _remat_block(cfg.remat) if train and cache is None else _block
+    start = 0
+    if cfg.scan_layers and cache is None and not moe_layer.capturing(self.layers[0]):
+      x_BxLxD, moe_stats, moa_stats, start = _scan_blocks(
+          list(self.layers), x_BxLxD, positions_BxL, mask, inv_freq, key, train, cfg.remat)
+      new_kv = [None] * start
     for i, block in enumerate(self.layers):
+      if i < start:
+        continue
       layer_key = None if key is None else jax.random.fold_in(key, i)
       kv = None if cache is None else (*cache.kv[i], cache.index)
-      x_BxLxD, stats, attn_stats, layer_kv = block(x_BxLxD, positions_BxL, mask, inv_freq,
-                                                   train=train, key=layer_key, kv=kv)
+      x_BxLxD, stats, attn_stats, layer_kv = run_block(block, x_BxLxD, positions_BxL, mask,
+                                                       inv_freq, layer_key, train, kv)
       new_kv.append(layer_kv)
       if stats:
         moe_stats[i] = stats
@@ -242,6 +253,66 @@ class Transformer(nnx.Module):
                         preferred_element_type=jnp.float32)
     logits = sharding.constrain(logits, ("batch", "length", "vocab"))
     return logits, {"moe": moe_stats, "moa": moa_stats}, tuple(new_kv)
+
+
+def _block(block: Block, x_BxLxD, positions_BxL, mask, inv_freq, key, train, kv):
+  return block(x_BxLxD, positions_BxL, mask, inv_freq, train=train, key=key, kv=kv)
+
+
+def _remat_block(remat: str):
+  """`_block`, recomputed in the backward pass under cfg.remat's policy (or as it is)."""
+  if remat == "none":
+    return _block
+  return nnx.remat(_block, policy=REMAT_POLICIES[remat], static_argnums=(6,))
+
+
+def scan_period(graphdefs: list) -> int:
+  """The shortest unit of consecutive layers whose structure repeats through the whole
+  stack (1 for identical layers, 2 for MoE every:2, ...), given each layer's nnx graphdef;
+  0 when no unit repeats at least twice (nothing to scan)."""
+  n = len(graphdefs)
+  for p in range(1, n // 2 + 1):
+    if all(graphdefs[i] == graphdefs[i % p] for i in range(n)):
+      return p
+  return 0
+
+
+def _scan_blocks(blocks, x_BxLxD, positions_BxL, mask, inv_freq, key, train, remat):
+  """Runs the first r*p blocks (p = scan_period, r = n_layers // p) as a lax.scan over r
+  units of p blocks: each unit position's params are stacked over the units inside the
+  step (the model keeps them per layer) and the scan body, remat'd per unit under
+  cfg.remat, is compiled once. Returns (x, moe stats, moa stats, r*p)."""
+  graphdefs, states = zip(*(nnx.split(b) for b in blocks))
+  p = scan_period(list(graphdefs))
+  if not p:
+    return x_BxLxD, {}, {}, 0
+  r = len(blocks) // p
+  stacked = [jax.tree.map(lambda *a: jnp.stack(a), *states[j:r * p:p]) for j in range(p)]
+  keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
+      jnp.arange(r * p))
+  keys = None if keys is None else keys.reshape(r, p, *keys.shape[1:])  # typed or raw keys
+
+  def unit(x_BxLxD, xs):
+    unit_states, unit_keys = xs
+    stats = []
+    for j in range(p):
+      block = nnx.merge(graphdefs[j], unit_states[j])
+      x_BxLxD, moe, moa, _ = _block(block, x_BxLxD, positions_BxL, mask, inv_freq,
+                                    None if unit_keys is None else unit_keys[j], train, None)
+      stats.append((moe, moa))
+    return x_BxLxD, stats
+
+  if remat != "none" and train:
+    unit = jax.checkpoint(unit, policy=REMAT_POLICIES[remat])
+  x_BxLxD, stats = jax.lax.scan(unit, x_BxLxD, (stacked, keys))
+  moe_stats, moa_stats = {}, {}
+  for u in range(r):
+    for j, (moe, moa) in enumerate(stats):
+      if moe:
+        moe_stats[u * p + j] = jax.tree.map(lambda a, u=u: a[u], moe)
+      if moa:
+        moa_stats[u * p + j] = jax.tree.map(lambda a, u=u: a[u], moa)
+  return x_BxLxD, moe_stats, moa_stats, r * p
 
 
 @nnx.jit

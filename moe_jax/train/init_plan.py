@@ -60,7 +60,8 @@ class InitPlan:
     if self.kind in ("resume", "scratch"):
       return llama.create(self.cfg, seed, mesh=mesh)
     if self.kind in ("continue", "load"):
-      return self.source.model(mesh, dtype=self.cfg.dtype)
+      return self.source.model(mesh, dtype=self.cfg.dtype, remat=self.cfg.remat,
+                               scan_layers=self.cfg.scan_layers)
     if self.kind == "merge":
       items = merge_lib.merged_items(self.merge, self.cfg, self.upcycler,
                                      self.upcycler.router_std)
@@ -81,7 +82,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
   if config.init == "scratch":
     shape = config.scratch.to_dict()
     tok = _scratch_tokenizer(shape.pop("tokenizer", ""), train_texts)
-    dense = ModelConfig(vocab_size=tok.vocab_size, dtype=config.dtype, **shape)
+    dense = ModelConfig(vocab_size=tok.vocab_size, **_compute(config), **shape)
     cfg = dense if spec is None else convert.moe_model_config(dense, spec, config.layers,
                                                                **moe_over)
     return InitPlan("scratch", cfg, tok, provenance=_provenance(config, None, spec))
@@ -91,12 +92,12 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
   tok = src.tokenizer()
   if src.is_moe or spec is None:
     kind = "load" if src.is_moe else "continue"
-    return InitPlan(kind, src.cfg.replace(dtype=config.dtype), tok, src,
+    return InitPlan(kind, src.cfg.replace(**_compute(config)), tok, src,
                     provenance=_provenance(config, src, None))
   cfg = convert.moe_model_config(src.cfg, spec, config.layers, **moe_over)
   upcycler = convert.Upcycler(spec, cfg, config.router_init, config.router_std, config.loop.seed,
                               _routers(config, src, tok, spec, cfg.moe_layer_ids))
-  return InitPlan("upcycle", cfg.replace(dtype=config.dtype), tok, src, upcycler,
+  return InitPlan("upcycle", cfg.replace(**_compute(config)), tok, src, upcycler,
                   _provenance(config, src, spec))
 
 
@@ -114,8 +115,14 @@ def _merge(config, spec: methods.UpcycleSpec, moe_over: dict) -> InitPlan:
                 "merge_sources": [s.path for s in sources],
                 "merge_inits": [s.describe() for s in sources],
                 "moa": config.moa.to_dict() if spec.method == "bam" else None}
-  return InitPlan("merge", cfg.replace(dtype=config.dtype), sources[0].tokenizer(),
+  return InitPlan("merge", cfg.replace(**_compute(config)), sources[0].tokenizer(),
                   sources[0], upcycler, provenance, merge=tuple(sources))
+
+
+def _compute(config) -> dict[str, Any]:
+  """The ModelConfig fields the train config sets whatever the init: how it computes."""
+  return {"dtype": config.dtype, "remat": config.get("remat", "none"),
+          "scan_layers": config.get("scan_layers", False)}
 
 
 def _readable_step(workdir: str) -> str | None:
@@ -168,7 +175,7 @@ def _routers(config, src: load.Source, tok, spec, layer_ids):
 # refused unless named in config.resume_allow.
 RESUME_FREE = ("loop.steps", "loop.log_every", "loop.eval_every", "loop.eval_batches",
                "loop.ckpt_every", "loop.keep", "loop.inject_nan_at_step", "loop.grad_accum",
-               "mesh", "resume_allow")
+               "mesh", "remat", "scan_layers", "resume_allow")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -205,7 +212,8 @@ def _resume(config, step_dir: str) -> InitPlan:
   if saved is not None:  # runs saved before this check have none
     check_resume_config(saved, config.to_dict(), config.get("resume_allow", ""), step_dir)
   provenance = dict(src.meta.get("provenance", {}), train_config=config.to_dict())
-  return InitPlan("resume", src.cfg, src.tokenizer(), provenance=provenance,
+  cfg = src.cfg.replace(**{k: v for k, v in _compute(config).items() if k != "dtype"})
+  return InitPlan("resume", cfg, src.tokenizer(), provenance=provenance,
                   resume_step=int(src.meta["step"]))
 
 
