@@ -280,19 +280,11 @@ def _fill_experts(ckptr, items: dict[int, tuple[str, tuple]], out: np.ndarray) -
 def _stack_experts(ckptr, items: dict[int, tuple[str, tuple]], t: jax.ShapeDtypeStruct):
   """The [E, ...] stack of one param from its per-expert items, built shard by shard:
   a device's block reads only the experts in its slice of axis 0 (each at most once)."""
-  cache: dict[int, np.ndarray] = {}
-
   def expert(e: int) -> np.ndarray:
-    if e not in cache:
-      item, p = items[e]
-      cache[e] = np.asarray(traverse_util.flatten_dict(ckptr.restore(item))[p], t.dtype)
-    return cache[e]
+    item, p = items[e]
+    return traverse_util.flatten_dict(ckptr.restore(item))[p]
 
-  def block(index: tuple[slice, ...]) -> np.ndarray:
-    experts = range(*index[0].indices(t.shape[0]))
-    return np.stack([expert(e)[tuple(index[1:])] for e in experts])
-
-  return jax.make_array_from_callback(t.shape, t.sharding, block)
+  return sharding.array_from_experts(t, expert)
 
 
 def load(path: str, mesh: jax.sharding.Mesh | None = None, **cfg_overrides) -> llama.Transformer:

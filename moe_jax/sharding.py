@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -63,9 +64,10 @@ def logical_to_spec(names: Sequence[str | None] | None, rules=LOGICAL_RULES,
 
 
 def variable_sharding(v: nnx.Variable, mesh: jax.sharding.Mesh | None) -> jax.sharding.Sharding:
-  """Where a variable lives: one device without a mesh, else its logical names mapped."""
+  """Where a variable lives: this process's first device without a mesh, else its
+  logical names mapped."""
   if mesh is None:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   names = v.get_metadata().get("out_sharding")
   spec = logical_to_spec(names, LOGICAL_RULES, mesh.axis_names, dict(mesh.shape),
                          v.get_value().shape)
@@ -78,6 +80,39 @@ def abstract_arrays(state: nnx.State, mesh: jax.sharding.Mesh | None) -> dict:
     value = v.get_value()
     return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=variable_sharding(v, mesh))
   return nnx.to_pure_dict(jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def array_from_experts(t: jax.ShapeDtypeStruct, expert: Callable[[int], np.ndarray]) -> jax.Array:
+  """The [E, ...] array of `t` (shape, dtype, sharding) from `expert(e)`, built shard by
+  shard: this process calls `expert` only for the experts in its devices' slices of axis
+  0, each at most once (a block needs the slice, then the expert is dropped)."""
+  cache: dict[int, np.ndarray] = {}
+  local = [index[0] for index in t.sharding.addressable_devices_indices_map(t.shape).values()]
+  uses = {e: sum(e in range(*i.indices(t.shape[0])) for i in local) for e in range(t.shape[0])}
+
+  def get(e: int) -> np.ndarray:
+    if e not in cache:
+      cache[e] = np.asarray(expert(e), t.dtype)
+    w = cache[e]
+    uses[e] -= 1
+    if not uses[e]:
+      del cache[e]
+    return w
+
+  def block(index: tuple[slice, ...]) -> np.ndarray:
+    experts = range(*index[0].indices(t.shape[0]))
+    return np.stack([get(e)[tuple(index[1:])] for e in experts])
+
+  return jax.make_array_from_callback(t.shape, t.sharding, block)
+
+
+def array_from_host(t: jax.ShapeDtypeStruct, value) -> jax.Array:
+  """A host array (replicated in every process) as `t`'s sharded array: each process
+  puts only its devices' blocks."""
+  value = np.asarray(value, t.dtype)
+  if value.shape != t.shape:
+    raise ValueError(f"array of shape {value.shape}, expected {t.shape}")
+  return jax.make_array_from_callback(t.shape, t.sharding, lambda index: value[index])
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

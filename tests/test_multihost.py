@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+import hf_models
 import subproc
 from moe_jax import distributed, launch, sharding
 
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # expert all_to_all crosses processes.
 WORKER = r"""
 import sys
-workdir, runs, n, pid, port, mesh_axis, upcycled = sys.argv[1:8]
+workdir, runs, n, pid, port, mesh_axis, upcycled, dense = sys.argv[1:9]
 from moe_jax import distributed
 distributed.initialize(f"127.0.0.1:{port}" if int(n) > 1 else None, int(n), int(pid))
 import numpy as np
@@ -58,6 +59,23 @@ if upcycled:  # a checkpoint with one item per expert matrix: which items does a
         np.testing.assert_array_equal(np.asarray(shard.data), want[f"{layer}.{name}"][shard.index])
   with open(os.path.join(workdir, f"reads_{pid}.json"), "w") as f:
     json.dump(sorted(r for r in reads if ".expert_" in r), f)
+if dense:  # an upcycle on the fly, onto the mesh: which experts does a host build?
+  import json, os
+  from moe_jax.convert import load
+  from moe_jax.stacked import ExpertStack
+  from moe_jax.upcycle import convert, methods
+  src, spec = load.open_source(dense), methods.UpcycleSpec("copy", 8, 2)
+  want = convert.upcycle_model(src, spec)  # on one local device, everything built
+  built, expert = [], ExpertStack.expert
+  ExpertStack.expert = lambda self, e: (built.append(e), expert(self, e))[1]
+  got = convert.upcycle_model(src, spec, mesh=mesh)
+  for layer in range(src.cfg.n_layers):
+    for name in ("w_gate", "w_up", "w_down", "router"):
+      full = np.asarray(getattr(want.layers[layer].mlp, name)[...])
+      for shard in getattr(got.layers[layer].mlp, name)[...].addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+  with open(os.path.join(workdir, f"built_{pid}.json"), "w") as f:
+    json.dump({"experts": sorted(set(built)), "builds": len(built)}, f)
 """
 
 
@@ -67,13 +85,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, runs: str, n: int, devices: int, mesh_axis: str, upcycled: str = "") -> list:
+def _launch(workdir, runs: str, n: int, devices: int, mesh_axis: str, upcycled: str = "",
+            dense: str = "") -> list:
   """`n` worker processes with `devices` CPU devices each; `runs` = '2,4': train to step 2,
   then in the same processes from fresh params to step 4 (restoring step 2)."""
   env = subproc.env(devices, drop=("MOE_JAX_", "TPU_"))
   port = _free_port()
   return [subprocess.Popen([sys.executable, "-c", WORKER, str(workdir), runs, str(n),
-                            str(pid), str(port), mesh_axis, upcycled], cwd=ROOT, env=env,
+                            str(pid), str(port), mesh_axis, upcycled, dense], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for pid in range(n)]
 
@@ -115,8 +134,11 @@ def test_two_processes_train_like_one(tmp_path):
   ref, multi = tmp_path / "one", tmp_path / "two"
   upcycled = str(tmp_path / "upcycled")
   _upcycled_checkpoint(upcycled)
+  dense = str(tmp_path / "dense")
+  hf_models.make_model("llama", num_hidden_layers=2).save_pretrained(dense)
   _wait(_launch(ref, "4", n=1, devices=1, mesh_axis="fsdp") +
-        _launch(multi, "2,4", n=2, devices=2, mesh_axis="expert", upcycled=upcycled))
+        _launch(multi, "2,4", n=2, devices=2, mesh_axis="expert", upcycled=upcycled,
+                dense=dense))
   want = {r["step"]: r["loss"] for r in _rows(ref)}
   rows = _rows(multi)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]  # process 0 alone writes metrics
@@ -132,6 +154,10 @@ def test_two_processes_train_like_one(tmp_path):
     reads = json.loads((multi / f"reads_{pid}.json").read_text())
     assert reads == sorted(f"layer_{l:03d}.expert_{e:03d}.mlp.{k}" for l in range(2)
                            for e in experts for k in ("w_gate", "w_up", "w_down"))
+    # upcycled on the fly (per-host online upcycling): a host builds only its 4 experts,
+    # each once per expert matrix (2 layers x 3 matrices), never the whole MoE layer
+    built = json.loads((multi / f"built_{pid}.json").read_text())
+    assert built == {"experts": list(experts), "builds": 2 * 3 * 4}
 
 
 def test_bad_distributed_flags_are_one_line(tmp_path):

@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from moe_jax import checkpoint, errors, sharding
+from moe_jax import checkpoint, errors
 from moe_jax import tokenizer as tokenizer_lib
 from moe_jax.config import ModelConfig
 from moe_jax.convert import load
@@ -67,7 +67,7 @@ class InitPlan:
                                      self.upcycler.router_std)
     else:
       items = convert.upcycle_items(self.source.cfg, self.source.tensors(), self.upcycler)
-    return sharding.place(convert.model_from_items(self.cfg, items), mesh)
+    return convert.model_from_items(self.cfg, items, mesh)  # only this host's experts
 
 
 def plan(config: ml_collections.ConfigDict, workdir: str,

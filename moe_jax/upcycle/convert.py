@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from moe_jax import checkpoint
+from moe_jax import checkpoint, sharding
 from moe_jax.config import ModelConfig
 from moe_jax.convert import hf_names
 from moe_jax.models import llama
 from moe_jax.moe.config import MoeConfig
-from moe_jax.stacked import ExpertStack, materialize
+from moe_jax.stacked import ExpertStack
 from moe_jax.upcycle import methods, router_init
 
 _FFN = {"w_gate": 0, "w_up": 1, "w_down": 2}
@@ -122,21 +122,31 @@ def upcycle_items(dense_cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
 
 
 def upcycle_model(src, spec: methods.UpcycleSpec, layers: str = "all", router_init: str = "normal",
-                  router_std: float = 0.02, seed: int = 0, **moe_overrides) -> llama.Transformer:
+                  router_std: float = 0.02, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                  **moe_overrides) -> llama.Transformer:
   """The MoE that `spec` makes of the dense checkpoint `src` (a `load.Source`), in memory:
   the same streaming conversion as the upcycle binary, without writing a checkpoint."""
   moe_cfg = moe_model_config(src.cfg, spec, layers, **moe_overrides)
   upcycler = Upcycler(spec, moe_cfg, router_init, router_std, seed)
-  return model_from_items(moe_cfg, upcycle_items(src.cfg, src.tensors(), upcycler))
+  return model_from_items(moe_cfg, upcycle_items(src.cfg, src.tensors(), upcycler), mesh)
 
 
-def model_from_items(cfg: ModelConfig, items: Iterable[tuple[str, dict]]) -> llama.Transformer:
-  """An in-memory model from checkpoint items (the train binary's on-the-fly upcycle)."""
+def model_from_items(cfg: ModelConfig, items: Iterable[tuple[str, dict]],
+                     mesh: jax.sharding.Mesh | None = None) -> llama.Transformer:
+  """A model from checkpoint items (the train binary's on-the-fly upcycle and merge),
+  placed on `mesh` as the items stream in. An expert stack is built shard by shard: each
+  process builds only the experts its devices hold (NeMo's online upcycling, per host),
+  never the whole MoE layer in host memory."""
   graphdef, state = nnx.split(llama.abstract(cfg))
+  target = traverse_util.flatten_dict(sharding.abstract_arrays(state, mesh))
   flat = {}
   for name, tree in items:
     prefix = checkpoint.scope_prefix(name)
-    flat.update({prefix + p: jnp.asarray(materialize(v), cfg.param_dtype)
-                 for p, v in traverse_util.flatten_dict(tree).items()})
+    for p, v in traverse_util.flatten_dict(tree).items():
+      if prefix + p not in target:
+        raise ValueError(f"item {name}: {'/'.join(map(str, p))} is not a param of the model")
+      t = target[prefix + p]
+      flat[prefix + p] = (sharding.array_from_experts(t, v.expert) if isinstance(v, ExpertStack)
+                          else sharding.array_from_host(t, v))
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
   return nnx.merge(graphdef, state)
