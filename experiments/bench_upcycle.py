@@ -1,10 +1,14 @@
 """Peak memory and time of the streaming upcycle on a synthetic dense checkpoint.
 
   python -m experiments.bench_upcycle --workdir=/tmp/bench_upcycle   # ~1.1B params, 8 experts
+  python -m experiments.bench_upcycle --online --devices=8 --d=1024 --f=2816
 
 Writes a random Llama-shaped checkpoint (sharded safetensors, one shard per layer),
 upcycles it in a child process and reports that process's own peak RSS (ru_maxrss from
-os.wait4 on it) and wall time.
+os.wait4 on it) and wall time. --online upcycles on the fly onto a mesh (`axis` over
+`devices` fake CPU devices), as `train --config.init=<dense>` does, with nothing written:
+the child then holds the whole MoE in its devices' memory, which on CPU is its own, and
+the bound printed is the dense model plus the experts plus 20%.
 """
 import json
 import os
@@ -27,6 +31,25 @@ _VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary.")
 _EXPERTS = flags.DEFINE_integer("experts", 8, "Experts.")
 _METHOD = flags.DEFINE_string("method", "copy", "Upcycling method.")
 _KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoints afterwards.")
+_ONLINE = flags.DEFINE_bool("online", False, "Upcycle on the fly onto a mesh of fake devices.")
+_DEVICES = flags.DEFINE_integer("devices", 8, "--online: fake CPU devices.")
+_AXIS = flags.DEFINE_enum("axis", "expert", ["expert", "fsdp"], "--online: the mesh axis over "
+                          "the devices (fsdp: every param sharded, no replicas).")
+
+# --online's child: the train binary's on-the-fly upcycle (init_plan.InitPlan.build).
+ONLINE = """
+import sys
+from moe_jax import sharding
+from moe_jax.convert import load
+from moe_jax.upcycle import convert, methods
+src = load.open_source(sys.argv[1])
+mesh = sharding.make_mesh(**{sys.argv[5]: int(sys.argv[2])})
+model = convert.upcycle_model(src, methods.UpcycleSpec(sys.argv[3], int(sys.argv[4]), 2), mesh=mesh)
+import jax
+from flax import nnx
+held = sum(s.data.nbytes for x in jax.tree.leaves(nnx.state(model)) for s in x.addressable_shards)
+print(f"device_bytes={held}")
+"""
 
 
 def write_dense(path: str, d: int, f: int, layers: int, vocab: int) -> int:
@@ -76,19 +99,34 @@ def main(argv):
       f"print(b.write_dense({dense!r}, {_D.value}, {_F.value}, {_LAYERS.value}, {_VOCAB.value}))")],
       check=True, capture_output=True, text=True).stdout.split()[-1]
   t0 = time.time()
-  child = subprocess.Popen([
-      sys.executable, "-m", "experiments.upcycle",
-      f"--config=configs/upcycle.py:method={_METHOD.value},experts={_EXPERTS.value}",
-      f"--workdir={moe}", f"--config.source={dense}", "--config.eval_windows=0"])
+  if _ONLINE.value:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={_DEVICES.value}"}
+    child = subprocess.Popen([sys.executable, "-c", ONLINE, dense, str(_DEVICES.value),
+                              _METHOD.value, str(_EXPERTS.value), _AXIS.value], env=env,
+                             stdout=subprocess.PIPE, text=True)
+  else:
+    child = subprocess.Popen([
+        sys.executable, "-m", "experiments.upcycle",
+        f"--config=configs/upcycle.py:method={_METHOD.value},experts={_EXPERTS.value}",
+        f"--workdir={moe}", f"--config.source={dense}", "--config.eval_windows=0"])
   _, status, usage = os.wait4(child.pid, 0)
   child.returncode = os.waitstatus_to_exitcode(status)
   seconds = time.time() - t0
   if child.returncode:
     raise SystemExit(f"experiments.upcycle exited with {child.returncode}")
   peak_kb = usage.ru_maxrss  # this child's own peak, in KiB on Linux
-  size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(moe) for f in fs)
   print(f"dense_params={int(n)} experts={_EXPERTS.value} method={_METHOD.value}")
-  print(f"moe_checkpoint_bytes={size} seconds={seconds:.1f}")
+  if _ONLINE.value:
+    ffn = 3 * _D.value * _F.value * _LAYERS.value
+    bound = 1.2 * 4 * (int(n) + _EXPERTS.value * ffn)  # float32: dense + the local experts
+    held = int(child.stdout.read().split("device_bytes=")[-1])
+    print(f"online devices={_DEVICES.value} axis={_AXIS.value} seconds={seconds:.1f}")
+    print(f"bound_gb={bound / 2**30:.3f} (the dense model + the local experts, + 20%)")
+    print(f"device_held_gb={held / 2**30:.3f} (every shard on the fake devices, replicas "
+          "of the non-expert params included: on CPU they are all this process's memory)")
+  else:
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(moe) for f in fs)
+    print(f"moe_checkpoint_bytes={size} seconds={seconds:.1f}")
   print(f"peak_rss_gb={peak_kb / 2**20:.3f}")
   if not _KEEP.value:
     shutil.rmtree(root, ignore_errors=True)
