@@ -81,18 +81,81 @@ class Layout(NamedTuple):
     return self.order_N // self.k
 
 
+def _row_maps(layout: Layout) -> tuple[jax.Array, jax.Array]:
+  """(dest_A: each assignment's buffer row, in assignment order t * K + k, `rows` where
+  dropped; assign_R: each buffer row's assignment, N where the row is empty). Every
+  layout sends an assignment to at most one row and a row holds at most one, so moving
+  rows either way is a gather (index maps of N int32s, not rows of D floats, are
+  scattered)."""
+  n = layout.order_N.shape[0]
+  dest_A = jnp.zeros((n,), jnp.int32).at[layout.order_N].set(layout.dest_N.astype(jnp.int32))
+  assign_R = jnp.full((layout.rows + 1,), n, jnp.int32).at[layout.dest_N].set(
+      layout.order_N.astype(jnp.int32))[:-1]
+  return dest_A, assign_R
+
+
+def _pad_row(x_MxD: jax.Array) -> jax.Array:
+  return jnp.concatenate([x_MxD, jnp.zeros((1, x_MxD.shape[1]), x_MxD.dtype)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _to_rows(x_TxD, dest_A, assign_R, k: int):
+  """[R, D]: row r is token assign_R[r] // k (zero for an empty row)."""
+  t = x_TxD.shape[0]
+  return _pad_row(x_TxD)[jnp.where(assign_R < t * k, assign_R // k, t)]
+
+
+def _to_rows_fwd(x_TxD, dest_A, assign_R, k):
+  return _to_rows(x_TxD, dest_A, assign_R, k), (dest_A, assign_R, x_TxD.shape[0])
+
+
+def _to_rows_bwd(k, res, g_RxD):
+  dest_A, assign_R, t = res  # token t's gradient: the sum of its k rows (a gather, no scatter)
+  return _pad_row(g_RxD)[dest_A].reshape(t, k, -1).sum(1), None, None
+
+
+_to_rows.defvjp(_to_rows_fwd, _to_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _from_rows(y_RxD, w_A, dest_A, assign_R, k: int):
+  """[T, D]: the sum over token t's k assignments a of w_A[a] * y[dest_A[a]]."""
+  t = dest_A.shape[0] // k
+  y_A = _pad_row(y_RxD)[dest_A] * w_A[:, None]
+  return y_A.reshape(t, k, -1).sum(1)
+
+
+def _from_rows_fwd(y_RxD, w_A, dest_A, assign_R, k):
+  return _from_rows(y_RxD, w_A, dest_A, assign_R, k), (y_RxD, w_A, dest_A, assign_R)
+
+
+def _from_rows_bwd(k, res, dy_TxD):
+  y_RxD, w_A, dest_A, assign_R = res
+  n = dest_A.shape[0]
+  dy_A = jnp.repeat(dy_TxD, k, axis=0)  # assignment a = t * k + j belongs to token t
+  dw_A = jnp.sum(_pad_row(y_RxD)[dest_A] * dy_A, axis=-1).astype(w_A.dtype)
+  dy_R = _pad_row(dy_A * w_A[:, None].astype(dy_A.dtype))[jnp.minimum(assign_R, n)]
+  return dy_R, dw_A, None, None
+
+
+_from_rows.defvjp(_from_rows_fwd, _from_rows_bwd)
+
+
 def gather(x_TxD: jax.Array, layout: Layout) -> jax.Array:
   """[rows, D]: each assignment's token row at its destination; unused rows are zero."""
-  buf = jnp.zeros((layout.rows + 1, x_TxD.shape[1]), x_TxD.dtype)
-  return buf.at[layout.dest_N].set(x_TxD[layout.token_N])[:-1]
+  dest_A, assign_R = _row_maps(layout)
+  return _to_rows(x_TxD, dest_A, assign_R, layout.k)
 
 
 def combine(y_RxD: jax.Array, layout: Layout, num_tokens: int, weighted: bool = True) -> jax.Array:
   """[T, D]: the sum over each token's assignments of its buffer row (times its weight)."""
-  y = jnp.concatenate([y_RxD, jnp.zeros((1, y_RxD.shape[1]), y_RxD.dtype)])[layout.dest_N]
-  if weighted:
-    y = y * layout.weight_N.astype(y.dtype)[:, None]
-  return jnp.zeros((num_tokens, y_RxD.shape[1]), y.dtype).at[layout.token_N].add(y)
+  dest_A, assign_R = _row_maps(layout)
+  n = layout.order_N.shape[0]
+  if n != num_tokens * layout.k:
+    raise ValueError(f"combine: {n} assignments for {num_tokens} tokens of k={layout.k}")
+  w_A = (jnp.zeros((n,), y_RxD.dtype).at[layout.order_N].set(layout.weight_N.astype(y_RxD.dtype))
+         if weighted else jnp.ones((n,), y_RxD.dtype))
+  return _from_rows(y_RxD, w_A, dest_A, assign_R, layout.k)
 
 
 def capacity_layout(routing, cfg) -> tuple[Layout, jax.Array, int]:
