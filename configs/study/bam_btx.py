@@ -3,7 +3,8 @@
 Finding 8, BAM against BTX (Zhang et al. 2024): a parallel-block seed (BAM's seeds are
 parallel-attention transformers) is branched into a Python expert (data.source=stdlib)
 and an English one (data.source=pydoc); the seed and both branches are merged into one
-MoE of 3 experts, FFN top-1, and trained on the mixture. BTX (upcycle.method=merge)
+MoE of 3 experts, FFN top-1 weighted by its softmax probability, and trained on the
+mixture. BTX (upcycle.method=merge)
 averages the attention; BAM (method=bam) makes the three attentions soft attention
 experts, each with its own k and v or with k and v shared. Data-matched: every arm
 merges the same three models and then sees the same batches. Arguments: steps,
@@ -30,7 +31,10 @@ BRANCHES = {"branch_python": "stdlib", "branch_english": "pydoc"}  # the domain 
 SOURCES = ",".join(f"run:{r}" for r in (SEED, *BRANCHES))  # expert j = source j's FFN
 
 ARGS = {"steps": 200, "experts": len(BRANCHES) + 1, "branch_steps": 250}
-get_config, _ = common.interface(upcycle={"top_k": 1}, **ARGS)  # BAM's FFN routing: top-1
+# BAM's FFN routing: top-1, the expert's output times its probability p_i(x) over all
+# experts (softmax_topk), so the language-model loss trains the router; topk_softmax at
+# top-1 would weigh every choice 1 and leave the router to the balance losses alone.
+get_config, _ = common.interface(upcycle={"top_k": 1, "router": "softmax_topk"}, **ARGS)
 
 
 def shared(arg=None):
