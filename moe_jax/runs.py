@@ -288,6 +288,10 @@ def _train_model(config, workdir: str):
   opt_cfg = optim.OptimConfig(**config.optim)
   texts = data_texts(config)
   plan = init_plan.plan(config, workdir, train_texts=texts[0])
+  moe = plan.cfg.moe
+  if moe is not None and moe.top_k == 1 and moe.router == "topk_softmax":
+    logging.warning("top-1 with router=topk_softmax weighs every choice 1: the router learns "
+                    "from the balance losses only (softmax_topk weighs it by its probability)")
   mesh = train_mesh(config, plan.num_experts)  # before anything is built
   check_seq_len(loop_cfg.seq_len, plan.cfg.max_seq_len, "config.loop.seq_len")
   train_docs, eval_docs = data_documents(config, texts, plan.tokenizer)
