@@ -127,9 +127,10 @@ def seeded_runs(arms: Iterable[dict[str, Any]], shared: Iterable[dict[str, Any]]
 def _seeded_init(init: str, shared_names: set[str], seed: int) -> str:
   """One item of an arm's `init` for seed `seed`: another arm's run becomes that arm's
   run of the same seed; a shared run or a checkpoint path stays."""
-  if not init.startswith(sweep.RUN_PREFIX) or init[len(sweep.RUN_PREFIX):] in shared_names:
+  parent = sweep.run_of(init)
+  if parent is None or parent in shared_names:
     return init
-  return sweep.RUN_PREFIX + run_name(init[len(sweep.RUN_PREFIX):], seed)
+  return sweep.RUN_PREFIX + run_name(parent, seed)
 
 
 def run_study(base, arms, shared, seeds: int, workdir: str, train_fn: Callable) -> list[dict]:

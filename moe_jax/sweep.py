@@ -34,9 +34,14 @@ def _inits(overrides: dict[str, Any]) -> list[str]:
   return init.split(",") if isinstance(init, str) else []
 
 
+def run_of(init: str) -> str | None:
+  """The run an `init` item names (`run:<name>` -> name), None for a checkpoint path."""
+  return init[len(RUN_PREFIX):] if init.startswith(RUN_PREFIX) else None
+
+
 def parents_of(overrides: dict[str, Any]) -> list[str]:
   """The runs of this sweep that a run starts from (its `init`'s `run:<name>` items)."""
-  return [i[len(RUN_PREFIX):] for i in _inits(overrides) if i.startswith(RUN_PREFIX)]
+  return [run_of(i) for i in _inits(overrides) if run_of(i) is not None]
 
 
 def order(sweep: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -72,8 +77,8 @@ def resolve(overrides: dict[str, Any], workdir: str) -> dict[str, Any]:
   out = {k: v for k, v in overrides.items() if k != NAME}
   if parents_of(out):
     root = os.path.abspath(workdir)
-    out["init"] = ",".join(os.path.join(root, i[len(RUN_PREFIX):]) if i.startswith(RUN_PREFIX)
-                           else i for i in _inits(out))
+    out["init"] = ",".join(i if run_of(i) is None else os.path.join(root, run_of(i))
+                           for i in _inits(out))
   return out
 
 

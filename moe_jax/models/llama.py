@@ -235,9 +235,8 @@ class Transformer(nnx.Module):
       x_BxLxD, moe_stats, moa_stats, start = _scan_blocks(
           list(self.layers), x_BxLxD, positions_BxL, mask, inv_freq, key, train, cfg.remat)
       new_kv = [None] * start
-    for i, block in enumerate(self.layers):
-      if i < start:
-        continue
+    for i in range(start, cfg.n_layers):
+      block = self.layers[i]
       layer_key = None if key is None else jax.random.fold_in(key, i)
       kv = None if cache is None else (*cache.kv[i], cache.index)
       x_BxLxD, stats, attn_stats, layer_kv = run_block(block, x_BxLxD, positions_BxL, mask,
@@ -288,9 +287,10 @@ def _scan_blocks(blocks, x_BxLxD, positions_BxL, mask, inv_freq, key, train, rem
     return x_BxLxD, {}, {}, 0
   r = len(blocks) // p
   stacked = [jax.tree.map(lambda *a: jnp.stack(a), *states[j:r * p:p]) for j in range(p)]
-  keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
-      jnp.arange(r * p))
-  keys = None if keys is None else keys.reshape(r, p, *keys.shape[1:])  # typed or raw keys
+  keys = None
+  if key is not None:  # layer i's key is fold_in(key, i), as in the loop
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(r * p))
+    keys = keys.reshape(r, p, *keys.shape[1:])  # typed or raw keys
 
   def unit(x_BxLxD, xs):
     unit_states, unit_keys = xs
