@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(source="stdlib", field="text", max_docs=0))
   c.loop = ml_collections.ConfigDict(dict(
       steps=a.steps, batch_size=8, seq_len=512, seed=0, log_every=10, eval_every=50,
-      eval_batches=4, ckpt_every=50, keep=2, grad_accum=1, inject_nan_at_step=-1))
+      eval_batches=4, final_eval="batches", ckpt_every=50, keep=2, grad_accum=1, inject_nan_at_step=-1))
   c.optim = ml_collections.ConfigDict(dict(
       lr=a.lr, schedule="cosine", warmup_steps=10, total_steps=a.steps, decay_fraction=0.2,
       final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,

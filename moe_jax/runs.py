@@ -12,6 +12,7 @@ import os
 import time
 
 import jax
+import ml_collections
 from absl import logging
 
 from moe_jax import checkpoint, locks, sharding
@@ -245,17 +246,41 @@ def domain_eval_texts(config) -> dict[str, list[str]]:
   return {"python": corpus.stdlib_documents("valid"), "english": corpus.pydoc_documents("valid")}
 
 
-def domain_losses(model, config, tok, mesh) -> dict[str, float]:
-  """{'eval_loss/<domain>': held-out loss} on each domain's own held-out batches."""
+def final_scores(model, config, tok, eval_docs: list | None, mesh=None) -> dict[str, float]:
+  """The final record's held-out scores: 'eval_loss', 'eval_ppl' and 'eval_tokens' over the
+  run's held-out documents (unless None), and '<key>/<domain>' over each domain's
+  (domain_eval_texts). With loop.final_eval='split' every token of each split is scored;
+  with 'batches' the first loop.eval_batches batches (the loop's own evaluation)."""
   loop_cfg = loop_lib.LoopConfig(**config.loop)
-  out = {}
+  sets = {} if eval_docs is None else {"": eval_docs}
   for name, texts in domain_eval_texts(config).items():
-    docs = pipeline.tokenize_documents(texts, tok.encode_batch, tok.eos_id)
-    batches = loop_lib.held_out_batches(docs, loop_cfg, mesh)
-    if batches:
-      loss = loop_lib.evaluate_batches(model, batches, mesh, loop_cfg.batch_size)["eval_loss"]
-      out[f"eval_loss/{name}"] = loss
+    sets[f"/{name}"] = pipeline.tokenize_documents(texts, tok.encode_batch, tok.eos_id)
+  out = {}
+  for suffix, docs in sets.items():
+    batches = (loop_lib.held_out_split(docs, loop_cfg, mesh) if loop_cfg.final_eval == "split"
+               else loop_lib.held_out_batches(docs, loop_cfg, mesh))
+    scored = loop_lib.evaluate_batches(model, batches, mesh, loop_cfg.batch_size)
+    if scored["eval_tokens"]:
+      out.update({f"{k}{suffix}": v for k, v in scored.items()})
   return out
+
+
+def rescore(run_dir: str, final_eval: str = "split") -> dict:
+  """Scores a finished run's last checkpoint again with loop.final_eval=`final_eval`
+  (final_scores, on the data its provenance names) and rewrites its final.json; the
+  loop's own last evaluation is kept as 'sample_eval_loss'. Returns the new record."""
+  src = load.open_source(run_dir)
+  config = ml_collections.ConfigDict(src.meta["provenance"]["train_config"])
+  config.loop.final_eval = final_eval
+  tok = src.tokenizer()
+  eval_docs = data_documents(config, data_texts(config), tok)[1]
+  final = os.path.join(run_dir, "final.json")
+  with open(final) as f:
+    record = json.load(f)
+  record.setdefault("sample_eval_loss", record.get("eval_loss"))
+  record.update(final_scores(src.model(), config, tok, eval_docs), final_eval=final_eval)
+  checkpoint.write_json_atomic(final, record)
+  return record
 
 
 def data_documents(config, texts, tok):
@@ -314,8 +339,11 @@ def _train_model(config, workdir: str):
     with open(final) as f:
       last = json.load(f)
     return model, last
-  if loop_cfg.eval_batches:
-    last = {**last, **domain_losses(model, config, plan.tokenizer, mesh)}
+  if loop_cfg.eval_batches:  # the loop's last evaluation is the 'batches' score
+    whole = loop_cfg.final_eval == "split"
+    sample = {"sample_eval_loss": last.get("eval_loss")} if whole else {}
+    last = {**last, **sample, "final_eval": loop_cfg.final_eval,
+            **final_scores(model, config, plan.tokenizer, eval_docs if whole else None, mesh)}
   if lead:
     checkpoint.write_json_atomic(final, last)
     if "eval_loss" in last:

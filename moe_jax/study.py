@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax import checkpoint, config_util, metrics, sweep
+from moe_jax import checkpoint, config_util, metrics, runs, sweep
 from moe_jax.analysis import run as analysis_run
 from moe_jax.analysis import static
 from moe_jax.convert import load
@@ -37,9 +37,9 @@ from moe_jax.train import flops
 
 SEED_PREFIX = "s"
 DOMAINS = ("python", "english")  # data.source=stdlib+pydoc: final loss on each held-out split
-COLUMNS = ("arm", "seed", "steps", "tokens", "train_flops", "eval_loss", "loss", "params",
-           "active_params", "tokens_per_s", "train_s", "expert_cosine",
-           *(f"eval_loss_{d}" for d in DOMAINS))
+COLUMNS = ("arm", "seed", "steps", "tokens", "train_flops", "eval_loss", "eval_tokens",
+           "final_eval", "loss", "params", "active_params", "tokens_per_s", "train_s",
+           "expert_cosine", *(f"eval_loss_{d}" for d in DOMAINS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,11 +134,29 @@ def _seeded_init(init: str, shared_names: set[str], seed: int) -> str:
 
 
 def run_study(base, arms, shared, seeds: int, workdir: str, train_fn: Callable) -> list[dict]:
-  """Trains what is not finished yet; returns one row per arm and seed (COLUMNS)."""
+  """Trains what is not finished yet; returns one row per arm and seed (COLUMNS). A run
+  finished with another final evaluation than `base`'s loop.final_eval (an older run's
+  sample of batches) is scored again from its checkpoint (runs.rescore)."""
   arms = list(arms)
-  sweep.run_sweep(base, seeded_runs(arms, shared, seeds), workdir, train_fn)
+  todo = seeded_runs(arms, shared, seeds)
+  sweep.run_sweep(base, todo, workdir, train_fn)
+  for run in todo:
+    rescore_if_stale(os.path.normpath(os.path.join(workdir, sweep.run_name(run))),
+                     base.loop.final_eval)
   return [run_row(os.path.join(workdir, run_name(a[sweep.NAME], s)), a[sweep.NAME], s)
           for a in arms for s in range(seeds)]
+
+
+def rescore_if_stale(run_dir: str, final_eval: str) -> bool:
+  """Scores a finished run again when its final record was made with another
+  loop.final_eval; True if it did."""
+  with open(os.path.join(run_dir, "final.json")) as f:
+    made = json.load(f).get("final_eval", "batches")  # records before the key: batches
+  if made == final_eval:
+    return False
+  print(f"rescore ({made} -> {final_eval}): {run_dir}")
+  runs.rescore(run_dir, final_eval)
+  return True
 
 
 def shared_rows(shared: Iterable[dict[str, Any]], workdir: str) -> list[dict]:
@@ -184,7 +202,9 @@ def run_row(run_dir: str, arm: str, seed: int) -> dict[str, Any]:
   tps, seconds = throughput(metrics.read(run_dir), tokens / steps)
   return {"arm": arm, "seed": seed, "steps": steps, "tokens": tokens,
           "train_flops": flops.train_flops_per_token(src.cfg, loop["seq_len"]) * tokens,
-          "eval_loss": final.get("eval_loss"), "loss": final.get("loss"),
+          "eval_loss": final.get("eval_loss"), "eval_tokens": final.get("eval_tokens", math.nan),
+          "final_eval": final.get("final_eval", "batches"),
+          "loss": final.get("loss"),
           "params": checkpoint.param_count(llama.abstract(src.cfg)),
           "active_params": flops.active_params_per_token(src.cfg), "tokens_per_s": tps,
           "train_s": seconds, "expert_cosine": expert_cosine(src),

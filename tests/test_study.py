@@ -92,6 +92,7 @@ def test_every_study_config_runs_its_miniature_and_resumes(path, study_root):
   assert go() == rows and len(trained) == n  # finished runs are skipped
   page = study_report.render_page([finding], str(study_root / "results"), str(study_root))
   assert f"## {finding.number}. {finding.title}" in page and "one seed: no standard error" in page
+  assert "a fixed sample of batches" in page  # the miniatures score loop.final_eval=batches
   assert ("| shared run |" in page) == (len(shared) > 1)  # e.g. finding 8's domain branches
 
 

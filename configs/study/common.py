@@ -25,7 +25,7 @@ def base(runlocal: bool, steps: int) -> ml_collections.ConfigDict:
                    max_seq_len=512, tokenizer="bpe:4096")
   c.data.update(source="stdlib+pydoc", max_docs=0)  # Python and English, each held out
   c.loop.update(batch_size=16, seq_len=256, log_every=10, eval_every=max(steps // 10, 1),
-                eval_batches=8, ckpt_every=max(steps // 4, 1))
+                eval_batches=8, final_eval="split", ckpt_every=max(steps // 4, 1))
   c.optim.update(warmup_steps=max(steps // 20, 1), total_steps=steps)
   c.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
   if runlocal:
@@ -33,7 +33,7 @@ def base(runlocal: bool, steps: int) -> ml_collections.ConfigDict:
                      tokenizer="bpe:512")
     c.data.max_docs = 30
     c.loop.update(batch_size=2, seq_len=32, log_every=1, eval_every=1, eval_batches=1,
-                  ckpt_every=steps)
+                  final_eval="batches", ckpt_every=steps)  # the whole split: ~3500 batches of 2x32
   return c
 
 

@@ -6,6 +6,7 @@ The iterator's state (grain's own) goes into training checkpoints.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import grain
@@ -27,9 +28,12 @@ def tokenize_documents(docs: Sequence[str],
 
 def packed_dataset(token_docs: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int,
                    *, shard_index: int = 0, shard_count: int = 1,
-                   num_epochs: int | None = None) -> grain.IterDataset:
+                   num_epochs: int | None = None, drop_remainder: bool = True
+                   ) -> grain.IterDataset:
   """Infinite (or `num_epochs`) stream of [batch_size // shard_count, seq_len + 1] packed
   rows: shard `shard_index`'s contiguous slice of every global batch of `batch_size` rows.
+  Without `drop_remainder` the last, partial global batch is kept, filled up with empty
+  rows (segment 0: no loss), so that every token of the documents is in some batch.
 
   Documents are shuffled per epoch by `seed`, concatenated and split into rows (a long
   document continues in the next row as a new segment). Every process packs the same
@@ -43,12 +47,19 @@ def packed_dataset(token_docs: Sequence[np.ndarray], seq_len: int, batch_size: i
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map(lambda t: {"tokens": t}).to_iter_dataset()
   ds = grain_exp.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  if not drop_remainder:
+    ds = ds.map(functools.partial(_fill_rows, rows=batch_size))
   if shard_count == 1:
     return ds
   rows = batch_size // shard_count
   lo, hi = shard_index * rows, (shard_index + 1) * rows
   return ds.map(lambda b: {k: v[lo:hi] for k, v in b.items()})
+
+
+def _fill_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """`batch` with zero rows appended up to `rows` (zero segment ids mask them out)."""
+  return {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
 
 def to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

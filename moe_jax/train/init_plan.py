@@ -174,7 +174,7 @@ def _routers(config, src: load.Source, tok, spec, layer_ids):
 # Everything else that differs from the saved run (model, init, data, optimizer) is
 # refused unless named in config.resume_allow.
 RESUME_FREE = ("loop.steps", "loop.log_every", "loop.eval_every", "loop.eval_batches",
-               "loop.ckpt_every", "loop.keep", "loop.inject_nan_at_step", "loop.grad_accum",
+               "loop.final_eval", "loop.ckpt_every", "loop.keep", "loop.inject_nan_at_step", "loop.grad_accum",
                "mesh", "remat", "scan_layers", "resume_allow")
 
 

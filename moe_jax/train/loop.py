@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grain
@@ -29,6 +30,9 @@ from moe_jax.data import pipeline
 from moe_jax.train import checkpoints as train_ckpt, flops, optim, step as step_lib
 
 
+FINAL_EVALS = ("batches", "split")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   steps: int = 100
@@ -38,6 +42,8 @@ class LoopConfig:
   log_every: int = 10
   eval_every: int = 50
   eval_batches: int = 4           # 0 = no evaluation
+  final_eval: str = "batches"     # the final record's loss: the eval batches, or the whole
+                                  # held-out split ("split")
   ckpt_every: int = 50
   keep: int = 2
   grad_accum: int = 1            # microbatches per step (step.grad_accumulate): same update
@@ -50,6 +56,9 @@ class LoopConfig:
       value = getattr(self, key)
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"config.loop.{key}={value!r}: expected an integer >= {low}")
+    if self.final_eval not in FINAL_EVALS:
+      raise ValueError(f"config.loop.final_eval={self.final_eval!r}: expected one of "
+                       f"{', '.join(FINAL_EVALS)}")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"config.loop.grad_accum={self.grad_accum} does not divide "
                        f"config.loop.batch_size={self.batch_size}")
@@ -167,8 +176,9 @@ def make_optimizer(model, opt: optim.OptimConfig, mesh=None) -> nnx.Optimizer:
   return sharding.init_sharded(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param), mesh, model)
 
 
-def evaluate_batches(model, batches: list[dict], mesh, global_rows: int | None = None
+def evaluate_batches(model, batches: Iterable[dict], mesh, global_rows: int | None = None
                      ) -> dict[str, float]:
+  """Mean held-out loss over the batches' unmasked tokens, and their count."""
   total, count = 0.0, 0.0
   for b in batches:
     rows = global_rows or len(b["tokens"])
@@ -177,7 +187,7 @@ def evaluate_batches(model, batches: list[dict], mesh, global_rows: int | None =
     total += float(nll)
     count += float(n)
   loss = total / max(count, 1.0)
-  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
 
 
 def held_out_batches(eval_docs: list[np.ndarray], loop: LoopConfig, mesh=None) -> list[dict]:
@@ -188,6 +198,17 @@ def held_out_batches(eval_docs: list[np.ndarray], loop: LoopConfig, mesh=None) -
   it = iter(pipeline.packed_dataset(eval_docs, loop.seq_len, loop.batch_size, EVAL_SEED,
                                     shard_index=shard, shard_count=count, num_epochs=1))
   return [pipeline.to_batch(b) for _, b in zip(range(loop.eval_batches), it)]
+
+
+def held_out_split(eval_docs: list[np.ndarray], loop: LoopConfig, mesh=None
+                   ) -> Iterator[dict]:
+  """Every token of the held-out documents, once, in batches of loop.batch_size rows (this
+  process's rows; the last batch filled up with masked rows), in held_out_batches' order."""
+  shard, count = sharding.data_shard(mesh, loop.batch_size) if mesh is not None else (0, 1)
+  for b in pipeline.packed_dataset(eval_docs, loop.seq_len, loop.batch_size, EVAL_SEED,
+                                   shard_index=shard, shard_count=count, num_epochs=1,
+                                   drop_remainder=False):
+    yield pipeline.to_batch(b)
 
 
 def _progress(total: int, start: int):
