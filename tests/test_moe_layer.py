@@ -250,3 +250,26 @@ def test_layer_placement():
   assert cfg("0,3").moe_layer_ids(4) == (0, 3)
   with pytest.raises(ValueError, match="moe.layers"):
     cfg("0,7").moe_layer_ids(4)
+
+
+@pytest.mark.parametrize("t,e,k,skew", [(2048, 64, 8, 0.0), (512, 8, 2, 4.0), (100, 16, 1, 8.0)])
+def test_block_layout_pads_each_group_to_the_smallest_block(t, e, k, skew):
+  """Every assignment gets its own row inside a block of its expert, and each expert's
+  computed rows exceed its assignments by less than the smallest block (numpy check)."""
+  logits = jax.random.normal(jax.random.key(t), (t, e)) + skew * jnp.arange(e) / e
+  routing = routers.route(logits, MoeConfig(num_experts=e, top_k=k, expert_dim=4))
+  slots = dispatch.sort_slots(routing, e)
+  levels = dispatch.block_levels(t * k, e)
+  blocks, regions, rows = dispatch.block_layout(slots, e, levels)
+  dest, expert = np.asarray(blocks.dest_N), np.asarray(slots.expert_N)
+  assert len(set(dest.tolist())) == dest.size and dest.max() < rows
+  computed = np.zeros(e, int)
+  row_expert = np.full(rows, -1)
+  for region, be, n in zip(regions, blocks.block_expert, blocks.n_blocks):
+    for b in range(int(n)):
+      start = region.offset + b * region.block
+      row_expert[start:start + region.block] = int(be[b])
+      computed[int(be[b])] += region.block
+  np.testing.assert_array_equal(row_expert[dest], expert)
+  sizes = np.bincount(expert, minlength=e)
+  assert np.all(computed >= sizes) and np.all(computed - sizes < levels[-1])

@@ -13,7 +13,7 @@ the layout and the experts.
   and batched matmuls (the FLOPs of a dense FFN of width k*f at capacity_factor 1).
 - `capacity_einsum`: the same semantics with one-hot dispatch/combine einsums (the
   textbook formulation; O(T*E*C*D), a reference for tests and small shapes).
-- `dropless`: sort assignments by expert into groups padded to a block size, then a
+- `dropless`: sort assignments by expert, cut each group into blocks of decreasing size, then a
   fused per-block SwiGLU loop over the occupied blocks only, with a custom VJP. On CPU
   this runs near dense speed; `jax.lax.ragged_dot` expands to a masked dense matmul there.
 - `ragged`: dropless via `jax.lax.ragged_dot` (the reference grouped matmul).
@@ -202,133 +202,211 @@ def block_size(num_assignments: int, num_experts: int, max_block: int = 512) -> 
   return int(min(max_block, max(8, 1 << (mean - 1).bit_length())))
 
 
+def block_levels(num_assignments: int, num_experts: int, max_block: int = 512,
+                 ratio: int = 4, depth: int = 3) -> tuple[int, ...]:
+  """Block sizes, largest first: `block_size`, then each `ratio` times smaller, down to
+  8 rows and at most `depth` of them. An expert's group is cut into as many blocks of
+  the largest size as fit, then of the next, and its last rows are padded to a whole
+  block of the smallest: at most smallest - 1 padding rows per expert, where one block
+  size pads up to largest - 1 (a quarter of the rows at 64 fine-grained experts)."""
+  levels = [block_size(num_assignments, num_experts, max_block)]
+  while len(levels) < depth and levels[-1] // ratio >= 8:
+    levels.append(levels[-1] // ratio)
+  return tuple(levels)
+
+
+class Region(NamedTuple):
+  """A static stretch of the row buffer cut into blocks of one size."""
+  offset: int              # first row
+  block: int               # rows per block
+  num_blocks: int          # blocks (a bound: only the first n_blocks of them are occupied)
+
+
 class Blocks(NamedTuple):
-  dest_N: jax.Array        # row of each sorted assignment in the padded buffer
-  block_expert: jax.Array  # expert of each block
-  n_blocks: jax.Array      # occupied blocks (a traced scalar)
+  dest_N: jax.Array             # row of each sorted assignment in the padded buffer
+  block_expert: tuple           # per region: the expert of each block
+  n_blocks: tuple               # per region: occupied blocks (traced scalars)
 
 
-def block_layout(slots: Slots, num_experts: int, block: int, num_blocks: int) -> Blocks:
-  padded = (slots.sizes_E + block - 1) // block * block
-  ends = jnp.cumsum(padded)
-  dest = (ends - padded)[slots.expert_N] + slots.rank_N
-  starts_of_blocks = jnp.arange(num_blocks, dtype=jnp.int32) * block
-  block_expert = jnp.minimum(jnp.searchsorted(ends, starts_of_blocks, side="right"),
-                             num_experts - 1).astype(jnp.int32)
-  return Blocks(dest.astype(jnp.int32), block_expert, (ends[-1] // block).astype(jnp.int32))
+def _region_bounds(n: int, num_groups: int, levels: tuple[int, ...]) -> list[int]:
+  """Blocks each level can need, over any split of n assignments into num_groups groups
+  (level j's blocks per group are fewer than levels[j-1] // levels[j])."""
+  bounds = []
+  for j, size in enumerate(levels):
+    last = j == len(levels) - 1
+    bound = -(-(n + num_groups * (size - 1)) // size) if last else n // size
+    if j:
+      bound = min(bound, num_groups * (levels[j - 1] // size - (0 if last else 1)))
+    bounds.append(bound)
+  return bounds
 
 
-def _rows(a, b, block):
-  return jax.lax.dynamic_slice_in_dim(a, b * block, block)
-
-
-def _put(a, rows, b, block):
-  return jax.lax.dynamic_update_slice_in_dim(a, rows, b * block, 0)
-
-
-def _block_ffn_fwd(x_MxD, w_M, w_gate, w_up, w_down, block_expert, n_blocks, block):
-  m, f, d = x_MxD.shape[0], w_gate.shape[-1], w_down.shape[-1]
-
-  def body(b, carry):
-    y, gate, up = carry
-    xb, e = _rows(x_MxD, b, block), block_expert[b]
-    g, u = xb @ w_gate[e], xb @ w_up[e]
-    yb = ((jax.nn.silu(g) * u) @ w_down[e]) * _rows(w_M, b, block)[:, None]
-    return _put(y, yb, b, block), _put(gate, g, b, block), _put(up, u, b, block)
-
-  zeros = lambda cols: jnp.zeros((m, cols), x_MxD.dtype)
-  return jax.lax.fori_loop(0, n_blocks, body, (zeros(d), zeros(f), zeros(f)))
-
-
-def _block_ffn_bwd(x_MxD, w_M, gate_MxF, up_MxF, dy_MxD, w_gate, w_up, w_down,
-                   block_expert, n_blocks, block):
-  def body(b, carry):
-    dx, dw, dwg, dwu, dwd = carry
-    xb, g, u, dy = (_rows(a, b, block) for a in (x_MxD, gate_MxF, up_MxF, dy_MxD))
-    e, wb = block_expert[b], _rows(w_M, b, block)[:, None]
-    sig = jax.nn.sigmoid(g)
-    silu = g * sig
-    h = silu * u
-    dh_unweighted = dy @ w_down[e].T
-    # d(routing weight) = <dy, h Wd> = <dy Wd^T, h>: no stored expert outputs needed.
-    dw = jax.lax.dynamic_update_slice_in_dim(dw, jnp.sum(dh_unweighted * h, axis=-1), b * block, 0)
-    dh = dh_unweighted * wb
-    dg = dh * u * sig * (1 + g * (1 - sig))
-    du = dh * silu
-    dwd = dwd.at[e].add(h.T @ (dy * wb))
-    dwg = dwg.at[e].add(xb.T @ dg)
-    dwu = dwu.at[e].add(xb.T @ du)
-    return _put(dx, dg @ w_gate[e].T + du @ w_up[e].T, b, block), dw, dwg, dwu, dwd
-
-  init = (jnp.zeros_like(x_MxD), jnp.zeros_like(w_M), jnp.zeros_like(w_gate),
-          jnp.zeros_like(w_up), jnp.zeros_like(w_down))
-  return jax.lax.fori_loop(0, n_blocks, body, init)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def block_ffn(x_MxD, w_M, w_gate, w_up, w_down, block_expert, n_blocks, block: int):
-  """Grouped, weighted SwiGLU over blocks of `block` rows: row r of block b gives
-  w_M[r] * swiglu_{block_expert[b]}(x[r]). Only the first `n_blocks` blocks are
-  computed (the rest of the output is zero). Custom VJP: one fused loop backwards."""
-  return _block_ffn_fwd(x_MxD, w_M, w_gate, w_up, w_down, block_expert, n_blocks, block)[0]
-
-
-def _block_ffn_vjp_fwd(x, w_m, wg, wu, wd, block_expert, n_blocks, block):
-  y, gate, up = _block_ffn_fwd(x, w_m, wg, wu, wd, block_expert, n_blocks, block)
-  return y, (x, w_m, gate, up, wg, wu, wd, block_expert, n_blocks)
-
-
-def _block_ffn_vjp_bwd(block, res, dy):
-  x, w_m, gate, up, wg, wu, wd, block_expert, n_blocks = res
-  grads = _block_ffn_bwd(x, w_m, gate, up, dy, wg, wu, wd, block_expert, n_blocks, block)
-  return (*grads, None, None)
-
-
-block_ffn.defvjp(_block_ffn_vjp_fwd, _block_ffn_vjp_bwd)
-
-
-def dropless_layout(slots: Slots, weight_N: jax.Array, num_experts: int, k: int,
-                    block: int) -> tuple[Layout, Blocks]:
-  """(layout into expert groups padded to whole blocks of `block` rows, the blocks)."""
+def block_layout(slots: Slots, num_groups: int, levels: tuple[int, ...],
+                 computed_groups: int | None = None) -> tuple[Blocks, tuple[Region, ...], int]:
+  """(blocks, the regions, buffer rows): each group's sorted assignments, cut as
+  `block_levels` says, to rows of one region per block size. The first
+  `computed_groups` groups' blocks are counted as occupied (all by default; the padding
+  group of `grouped_rows` is left out)."""
   n = slots.order_N.shape[0]
-  num_blocks = -(-(n + num_experts * (block - 1)) // block)  # static bound on occupied blocks
-  blocks = block_layout(slots, num_experts, block, num_blocks)
-  return Layout(slots.order_N, blocks.dest_N, weight_N, num_blocks * block, k), blocks
+  computed = num_groups if computed_groups is None else computed_groups
+  remaining, starts = slots.sizes_E, jnp.zeros_like(slots.sizes_E)  # a group's first rank
+  dest = jnp.zeros_like(slots.rank_N)
+  regions, block_expert, n_blocks, offset = [], [], [], 0
+  for j, (size, bound) in enumerate(zip(levels, _region_bounds(n, num_groups, levels))):
+    last = j == len(levels) - 1
+    count = -(-remaining // size) if last else remaining // size  # blocks per group
+    rows = count * size
+    ends = jnp.cumsum(rows)
+    first = starts[slots.expert_N]
+    mine = (slots.rank_N >= first) & (slots.rank_N < first + rows[slots.expert_N])
+    dest = jnp.where(mine, offset + (ends - rows)[slots.expert_N] + slots.rank_N - first, dest)
+    block_start = jnp.arange(bound, dtype=jnp.int32) * size
+    block_expert.append(jnp.minimum(jnp.searchsorted(ends, block_start, side="right"),
+                                    computed - 1).astype(jnp.int32))
+    n_blocks.append((jnp.sum(count[:computed])).astype(jnp.int32))
+    regions.append(Region(offset, size, bound))
+    offset += bound * size
+    starts, remaining = starts + rows, remaining - rows
+  return Blocks(dest.astype(jnp.int32), tuple(block_expert), tuple(n_blocks)), tuple(regions), offset
 
 
-def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 512):
-  """No token dropped: expert-sorted, block-padded groups through `block_ffn`, which
-  applies the routing weights itself (so the combine is unweighted)."""
+def _rows(a, start, block):
+  return jax.lax.dynamic_slice_in_dim(a, start, block)
+
+
+def _put(a, rows, start):
+  return jax.lax.dynamic_update_slice_in_dim(a, rows, start, 0)
+
+
+def _region_loop(region: Region, n_blocks, body, carry):
+  """fori_loop of body(first row, block index, carry) over the region's occupied blocks."""
+  return jax.lax.fori_loop(
+      0, n_blocks, lambda b, c: body(region.offset + b * region.block, b, c), carry)
+
+
+def _sum_rows(y_RxD, dest_SxK):
+  """[S, D]: source s's rows dest_SxK[s] summed (`rows`, one past the end, adds nothing)."""
+  s, k = dest_SxK.shape
+  return _pad_row(y_RxD)[dest_SxK.reshape(-1)].reshape(s, k, -1).sum(1)
+
+
+def _grouped_fwd(x_SxD, w_R, w_gate, w_up, w_down, src_R, dest_SxK, block_expert,
+                 n_blocks, regions):
+  rows, f, d = w_R.shape[0], w_gate.shape[-1], w_down.shape[-1]
+  x_pad = _pad_row(x_SxD)
+  out = (jnp.zeros((rows, d), x_SxD.dtype), jnp.zeros((rows, f), x_SxD.dtype),
+         jnp.zeros((rows, f), x_SxD.dtype))
+  for region, experts, n in zip(regions, block_expert, n_blocks):
+    def body(start, b, carry, size=region.block, experts=experts):
+      y, gate, up = carry
+      xb, e = x_pad[_rows(src_R, start, size)], experts[b]
+      g, u = xb @ w_gate[e], xb @ w_up[e]
+      yb = ((jax.nn.silu(g) * u) @ w_down[e]) * _rows(w_R, start, size)[:, None]
+      return _put(y, yb, start), _put(gate, g, start), _put(up, u, start)
+    out = _region_loop(region, n, body, out)
+  y_RxD, gate_RxF, up_RxF = out
+  return _sum_rows(y_RxD, dest_SxK), gate_RxF, up_RxF
+
+
+def _grouped_bwd(x_SxD, w_R, gate_RxF, up_RxF, dy_SxD, w_gate, w_up, w_down, src_R,
+                 dest_SxK, block_expert, n_blocks, regions):
+  x_pad, dy_pad = _pad_row(x_SxD), _pad_row(dy_SxD)
+  carry = (jnp.zeros((w_R.shape[0], x_SxD.shape[1]), x_SxD.dtype), jnp.zeros_like(w_R),
+           jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
+  for region, experts, n in zip(regions, block_expert, n_blocks):
+    def body(start, b, carry, size=region.block, experts=experts):
+      dx, dw, dwg, dwu, dwd = carry
+      src = _rows(src_R, start, size)
+      xb, dy = x_pad[src], dy_pad[src]
+      g, u = _rows(gate_RxF, start, size), _rows(up_RxF, start, size)
+      e, wb = experts[b], _rows(w_R, start, size)[:, None]
+      sig = jax.nn.sigmoid(g)
+      silu = g * sig
+      h = silu * u
+      dh_unweighted = dy @ w_down[e].T
+      # d(routing weight) = <dy, h Wd> = <dy Wd^T, h>: no stored expert outputs needed.
+      dw = _put(dw, jnp.sum(dh_unweighted * h, axis=-1), start)
+      dh = dh_unweighted * wb
+      dg = dh * u * sig * (1 + g * (1 - sig))
+      du = dh * silu
+      dwd = dwd.at[e].add(h.T @ (dy * wb))
+      dwg = dwg.at[e].add(xb.T @ dg)
+      dwu = dwu.at[e].add(xb.T @ du)
+      return _put(dx, dg @ w_gate[e].T + du @ w_up[e].T, start), dw, dwg, dwu, dwd
+    carry = _region_loop(region, n, body, carry)
+  dx_RxD, *grads = carry
+  return (_sum_rows(dx_RxD, dest_SxK), *grads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def grouped_swiglu(x_SxD, w_R, w_gate, w_up, w_down, src_R, dest_SxK, block_expert,
+                   n_blocks, regions: tuple[Region, ...]):
+  """[S, D]: source row s gets sum over its rows r = dest_SxK[s, :] of
+  w_R[r] * swiglu_{expert of r's block}(x_SxD[s]), the buffer rows being cut into the
+  `regions`' blocks (block_layout). Row r reads its input from source src_R[r] (S for an
+  empty row) inside the block loop, and the backward reads the output gradient the same
+  way, so no [rows, D] copy of the input or of the gradient is ever made. Only each
+  region's first n_blocks blocks are computed. Custom VJP: one fused loop backwards."""
+  return _grouped_fwd(x_SxD, w_R, w_gate, w_up, w_down, src_R, dest_SxK, block_expert,
+                      n_blocks, regions)[0]
+
+
+def _grouped_vjp_fwd(x, w_r, wg, wu, wd, src_R, dest_SxK, block_expert, n_blocks, regions):
+  y, gate, up = _grouped_fwd(x, w_r, wg, wu, wd, src_R, dest_SxK, block_expert, n_blocks,
+                             regions)
+  return y, (x, w_r, gate, up, wg, wu, wd, src_R, dest_SxK, block_expert, n_blocks)
+
+
+def _grouped_vjp_bwd(regions, res, dy):
+  x, w_r, gate, up, wg, wu, wd, src_R, dest_SxK, block_expert, n_blocks = res
+  grads = _grouped_bwd(x, w_r, gate, up, dy, wg, wu, wd, src_R, dest_SxK, block_expert,
+                       n_blocks, regions)
+  return (*grads, None, None, None, None)
+
+
+grouped_swiglu.defvjp(_grouped_vjp_fwd, _grouped_vjp_bwd)
+
+
+def _grouped(x_SxD, slots: Slots, weight_N, num_groups: int, k: int, levels, w_gate, w_up,
+             w_down, computed_groups: int | None = None):
+  """The sorted assignments of S sources (k each) through `grouped_swiglu`."""
+  blocks, regions, rows = block_layout(slots, num_groups, levels, computed_groups)
+  layout = Layout(slots.order_N, blocks.dest_N, weight_N, rows, k)
+  dest_A, assign_R = _row_maps(layout)
+  s, n = x_SxD.shape[0], slots.order_N.shape[0]
+  src_R = jnp.where(assign_R < n, assign_R // k, s)
+  w_R = jnp.zeros((rows,), x_SxD.dtype).at[blocks.dest_N].set(weight_N.astype(x_SxD.dtype))
+  return grouped_swiglu(x_SxD, w_R, w_gate, w_up, w_down, src_R, dest_A.reshape(s, k),
+                        blocks.block_expert, blocks.n_blocks, regions)
+
+
+def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 512,
+             levels: tuple[int, ...] | None = None):
+  """No token dropped: assignments sorted by expert, each expert's group cut into blocks
+  of decreasing size (block_levels), through `grouped_swiglu`, which applies the routing
+  weights and sums each token's assignments itself."""
   t, k = routing.experts_TxK.shape
   e = cfg.num_experts
   slots = sort_slots(routing, e)
-  weight_N = routing.weights_TxK.reshape(-1)[slots.order_N].astype(x_TxD.dtype)
-  block = block_size(t * k, e, max_block)
-  layout, blocks = dropless_layout(slots, weight_N, e, k, block)
-  w_rows = jnp.zeros((layout.rows,), x_TxD.dtype).at[layout.dest_N].set(weight_N)
-  y = block_ffn(gather(x_TxD, layout), w_rows, w_gate, w_up, w_down, blocks.block_expert,
-                blocks.n_blocks, block)
-  return combine(y, layout, t, weighted=False), jnp.float32(0.0)
+  weight_N = routing.weights_TxK.reshape(-1)[slots.order_N]
+  levels = levels or block_levels(t * k, e, max_block)
+  y = _grouped(x_TxD, slots, weight_N, e, k, levels, w_gate, w_up, w_down)
+  return y, jnp.float32(0.0)
 
 
 def grouped_rows(x_MxD, expert_M, w_gate, w_up, w_down, backend: str, rows_hint: int):
   """[M, D]: row m through expert expert_M[m] (unweighted); rows with expert_M == E (one
   past the last expert) are padding, never computed, and come back zero. The local expert
-  step of expert parallelism: `block_ffn` for every dropless backend, the Pallas grouped
-  matmul for `pallas`. `rows_hint` (the real rows expected) sets the block size."""
+  step of expert parallelism: `grouped_swiglu` for every dropless backend, the Pallas
+  grouped matmul for `pallas`. `rows_hint` (the real rows expected) sets the block sizes."""
   m, e = x_MxD.shape[0], w_gate.shape[0]
   if resolve_backend(backend) == "pallas":
     from moe_jax.moe import pallas_backend  # pylint: disable=g-import-not-at-top
     return pallas_backend.grouped_rows(x_MxD, expert_M, w_gate, w_up, w_down)
   routing = Routing(jnp.ones((m, 1), x_MxD.dtype), expert_M[:, None], None)
-  slots = sort_slots(routing, e + 1)  # the padding is the last group
-  block = block_size(rows_hint, e)
-  layout, blocks = dropless_layout(slots, routing.weights_TxK[:, 0], e + 1, 1, block)
-  n_blocks = jnp.sum((slots.sizes_E[:e] + block - 1) // block).astype(jnp.int32)
-  ones = jnp.zeros((layout.rows,), x_MxD.dtype).at[layout.dest_N].set(1.0)
-  y = block_ffn(gather(x_MxD, layout), ones, w_gate, w_up, w_down,
-                jnp.minimum(blocks.block_expert, e - 1), n_blocks, block)
-  return combine(y, layout, m, weighted=False)
+  slots = sort_slots(routing, e + 1)  # the padding is the last group, never computed
+  return _grouped(x_MxD, slots, routing.weights_TxK[:, 0], e + 1, 1,
+                  block_levels(rows_hint, e), w_gate, w_up, w_down, computed_groups=e)
 
 
 def ragged(x_TxD, routing, w_gate, w_up, w_down, cfg):

@@ -17,7 +17,7 @@ Backends:
 - every dropless backend (`dropless`, `ragged`, `pallas`): a padded all_to_all, one
   buffer of R = T * min(k, E/n) rows per destination shard (the most one shard can send
   another: each token picks distinct experts), then the received rows grouped by local
-  expert through `dispatch.grouped_rows`: `block_ffn`, or for `pallas` the Pallas grouped
+  expert through `dispatch.grouped_rows`: `grouped_swiglu`, or for `pallas` the Pallas grouped
   matmul; padding rows skipped. Exact, no drops. XLA:CPU has no `ragged_all_to_all`
   (UNIMPLEMENTED), hence the padding.
 
@@ -104,7 +104,7 @@ def shard_layout(routing, num_experts: int, n_ep: int) -> tuple[dispatch.Layout,
 
 def _dropless_dispatch(x_TxD, routing, w_gate, w_up, w_down, cfg, n_ep: int):
   """The per-shard layout, all_to_all (rows and per-expert counts), the local experts
-  grouped by expert (dispatch.grouped_rows: block_ffn, or the Pallas grouped matmul),
+  grouped by expert (dispatch.grouped_rows: grouped_swiglu, or the Pallas grouped matmul),
   all_to_all back, the weighted combine."""
   t, d = x_TxD.shape
   layout, counts = shard_layout(routing, cfg.num_experts, n_ep)
