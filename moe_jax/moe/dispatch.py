@@ -98,6 +98,12 @@ def _pad_row(x_MxD: jax.Array) -> jax.Array:
   return jnp.concatenate([x_MxD, jnp.zeros((1, x_MxD.shape[1]), x_MxD.dtype)])
 
 
+def _sum_rows(y_RxD, dest_SxK):
+  """[S, D]: source s's rows dest_SxK[s] summed (`rows`, one past the end, adds nothing)."""
+  s, k = dest_SxK.shape
+  return _pad_row(y_RxD)[dest_SxK.reshape(-1)].reshape(s, k, -1).sum(1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _to_rows(x_TxD, dest_A, assign_R, k: int):
   """[R, D]: row r is token assign_R[r] // k (zero for an empty row)."""
@@ -111,7 +117,7 @@ def _to_rows_fwd(x_TxD, dest_A, assign_R, k):
 
 def _to_rows_bwd(k, res, g_RxD):
   dest_A, assign_R, t = res  # token t's gradient: the sum of its k rows (a gather, no scatter)
-  return _pad_row(g_RxD)[dest_A].reshape(t, k, -1).sum(1), None, None
+  return _sum_rows(g_RxD, dest_A.reshape(t, k)), None, None
 
 
 _to_rows.defvjp(_to_rows_fwd, _to_rows_bwd)
@@ -219,7 +225,6 @@ class Region(NamedTuple):
   """A static stretch of the row buffer cut into blocks of one size."""
   offset: int              # first row
   block: int               # rows per block
-  num_blocks: int          # blocks (a bound: only the first n_blocks of them are occupied)
 
 
 class Blocks(NamedTuple):
@@ -264,7 +269,7 @@ def block_layout(slots: Slots, num_groups: int, levels: tuple[int, ...],
     block_expert.append(jnp.minimum(jnp.searchsorted(ends, block_start, side="right"),
                                     computed - 1).astype(jnp.int32))
     n_blocks.append((jnp.sum(count[:computed])).astype(jnp.int32))
-    regions.append(Region(offset, size, bound))
+    regions.append(Region(offset, size))
     offset += bound * size
     starts, remaining = starts + rows, remaining - rows
   return Blocks(dest.astype(jnp.int32), tuple(block_expert), tuple(n_blocks)), tuple(regions), offset
@@ -282,12 +287,6 @@ def _region_loop(region: Region, n_blocks, body, carry):
   """fori_loop of body(first row, block index, carry) over the region's occupied blocks."""
   return jax.lax.fori_loop(
       0, n_blocks, lambda b, c: body(region.offset + b * region.block, b, c), carry)
-
-
-def _sum_rows(y_RxD, dest_SxK):
-  """[S, D]: source s's rows dest_SxK[s] summed (`rows`, one past the end, adds nothing)."""
-  s, k = dest_SxK.shape
-  return _pad_row(y_RxD)[dest_SxK.reshape(-1)].reshape(s, k, -1).sum(1)
 
 
 def _grouped_fwd(x_SxD, w_R, w_gate, w_up, w_down, src_R, dest_SxK, block_expert,
@@ -380,8 +379,7 @@ def _grouped(x_SxD, slots: Slots, weight_N, num_groups: int, k: int, levels, w_g
                         blocks.block_expert, blocks.n_blocks, regions)
 
 
-def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 512,
-             levels: tuple[int, ...] | None = None):
+def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 512):
   """No token dropped: assignments sorted by expert, each expert's group cut into blocks
   of decreasing size (block_levels), through `grouped_swiglu`, which applies the routing
   weights and sums each token's assignments itself."""
@@ -389,8 +387,8 @@ def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 512,
   e = cfg.num_experts
   slots = sort_slots(routing, e)
   weight_N = routing.weights_TxK.reshape(-1)[slots.order_N]
-  levels = levels or block_levels(t * k, e, max_block)
-  y = _grouped(x_TxD, slots, weight_N, e, k, levels, w_gate, w_up, w_down)
+  y = _grouped(x_TxD, slots, weight_N, e, k, block_levels(t * k, e, max_block), w_gate, w_up,
+               w_down)
   return y, jnp.float32(0.0)
 
 
