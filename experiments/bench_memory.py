@@ -3,10 +3,12 @@
   python -m experiments.bench_memory --experts=8 --L=2048
 
 The embedded SmolLM2-135M upcycled into `experts` experts (top-2) in all 30 layers,
-abstract params (shapes only); for the Python loop and the scan, without and with
-remat, `jax.jit(grad).lower(...).compile()` is timed and its `memory_analysis()` read,
-in one process. The last lines print the two ratios (targets: the scan compiles at least
-3x faster than the loop; full remat needs at most 1/3 of no remat's temporary bytes).
+abstract params (shapes only); for the Python loop, the scan over layers stored per layer
+(stacked inside the step) and the scan over layers stored stacked (the train step's layout
+with scan_layers), without and with remat, `jax.jit(grad).lower(...).compile()` is timed
+and its `memory_analysis()` read, in one process. The last lines print the ratios
+(targets: the scan compiles at least 3x faster than the loop; full remat needs at most
+1/3 of no remat's temporary bytes).
 """
 from absl import app, flags
 
@@ -26,14 +28,15 @@ def main(argv):
   cfg = convert.moe_model_config(dense, methods.UpcycleSpec("copy", _EXPERTS.value, 2))
   print(f"SmolLM2-135M upcycled: {cfg.n_layers} layers of {_EXPERTS.value} experts top-2, "
         f"batch {_B.value}x{_L.value}")
-  variants = [(False, "none"), (False, "full"), (True, "none"), (True, "full"),
-              (True, "save_dots")]
+  variants = [(layout, remat) for layout in bench.LAYOUTS for remat in ("none", "full")]
+  variants.append(("stacked", "save_dots"))
   r = bench.compile_memory(cfg, _B.value, _L.value, variants)
-  compile_ratio = r[(False, "none")]["compile_s"] / r[(True, "none")]["compile_s"]
-  print(f"loop_over_scan_compile_ratio={compile_ratio:.2f}")
-  for scan in (False, True):
-    ratio = r[(scan, "full")]["temp_bytes"] / r[(scan, "none")]["temp_bytes"]
-    print(f"{'scan' if scan else 'loop'}_full_remat_over_none_temp_ratio={ratio:.3f}")
+  for layout in bench.LAYOUTS[1:]:
+    ratio = r[("loop", "none")]["compile_s"] / r[(layout, "none")]["compile_s"]
+    print(f"loop_over_{layout}_compile_ratio={ratio:.2f}")
+  for layout in bench.LAYOUTS:
+    ratio = r[(layout, "full")]["temp_bytes"] / r[(layout, "none")]["temp_bytes"]
+    print(f"{layout}_full_remat_over_none_temp_ratio={ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -171,20 +171,28 @@ def bench_generate(new_tokens: int, check_tokens: int, prompt: str, repeats: int
   return result
 
 
-def compile_memory(cfg, batch: int, length: int, variants: list[tuple[bool, str]]
-                   ) -> dict[tuple[bool, str], dict[str, float]]:
-  """For each (scan_layers, remat): seconds to lower and compile the gradient of the
-  training loss of `cfg` on a [batch, length] batch, and the compiled program's
-  memory_analysis() bytes. Params are abstract (shapes only, nothing allocated)."""
+LAYOUTS = ("loop", "scan", "stacked")  # compile_memory's layer layouts
+
+
+def compile_memory(cfg, batch: int, length: int, variants: list[tuple[str, str]]
+                   ) -> dict[tuple[str, str], dict[str, float]]:
+  """For each (layout, remat): seconds to lower and compile the gradient of the training
+  loss of `cfg` on a [batch, length] batch, and the compiled program's memory_analysis()
+  bytes. Layouts: loop (a Python loop over the layers), scan (layers stored per layer,
+  stacked inside the step for the scan), stacked (stored stacked, as training stores them
+  with scan_layers: models/layer_stack.py). Params are abstract (nothing allocated)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from moe_jax.models import llama  # pylint: disable=g-import-not-at-top
+  from moe_jax.models import layer_stack, llama  # pylint: disable=g-import-not-at-top
   from moe_jax.train import step  # pylint: disable=g-import-not-at-top
   tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
   batch_ = {"tokens": tokens, "targets": tokens, "positions": tokens, "segment_ids": tokens,
             "loss_mask": jax.ShapeDtypeStruct((batch, length), jnp.float32)}
   out = {}
-  for scan, remat in variants:
-    graphdef, state = nnx.split(llama.abstract(cfg.replace(scan_layers=scan, remat=remat)))
+  for layout, remat in variants:
+    model = llama.abstract(cfg.replace(scan_layers=layout != "loop", remat=remat))
+    if layout == "stacked":
+      model = nnx.eval_shape(layer_stack.stack_layers, model)
+    graphdef, state = nnx.split(model)
 
     def grad(state, batch, graphdef=graphdef):
       return nnx.value_and_grad(lambda m: step.loss_fn(m, batch, key=None)[0])(
@@ -194,10 +202,10 @@ def compile_memory(cfg, batch: int, length: int, variants: list[tuple[bool, str]
     compiled = jax.jit(grad).lower(state, batch_).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    out[(scan, remat)] = {"compile_s": seconds, "temp_bytes": mem.temp_size_in_bytes,
-                          "argument_bytes": mem.argument_size_in_bytes,
-                          "output_bytes": mem.output_size_in_bytes}
-    print(f"scan_layers={scan} remat={remat}: compile {seconds:.1f} s, temp "
+    out[(layout, remat)] = {"compile_s": seconds, "temp_bytes": mem.temp_size_in_bytes,
+                            "argument_bytes": mem.argument_size_in_bytes,
+                            "output_bytes": mem.output_size_in_bytes}
+    print(f"layers={layout} remat={remat}: compile {seconds:.1f} s, temp "
           f"{mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments "
           f"{mem.argument_size_in_bytes / 2**30:.2f} GiB", flush=True)
   return out

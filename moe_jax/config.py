@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
 BLOCKS = ("sequential", "parallel")
-# Activation rematerialisation in training (llama.REMAT_POLICIES): none, full (each block
+# Activation rematerialisation in training (layer_stack.REMAT_POLICIES): none, full (each block
 # recomputed in the backward pass, only its input kept), save_dots (matmul outputs kept).
 REMATS = ("none", "full", "save_dots")
 
@@ -65,8 +65,9 @@ class ModelConfig:
   block: str = "sequential"
   moa: MoaConfig | None = None   # attention experts (BAM), in moa.layers
   remat: str = "none"            # training only (REMATS); the same function either way
-  # The forward pass as one lax.scan over each repeating unit of layers (llama.py
-  # `scan_period`): one compiled body, not n_layers copies. Params stay per layer.
+  # The forward pass as one lax.scan over each repeating unit of layers
+  # (models/layer_stack.py): one compiled body, not n_layers copies. Training stores the
+  # layers stacked for it; checkpoints and every other tool keep them per layer.
   scan_layers: bool = False
 
   def __post_init__(self):

@@ -19,6 +19,7 @@ from moe_jax import checkpoint, locks, sharding
 from moe_jax import evaluate as eval_lib, generation
 from moe_jax.convert import load
 from moe_jax.data import corpus, pipeline
+from moe_jax.models import layer_stack
 from moe_jax.train import init_plan, loop as loop_lib, optim
 from moe_jax.upcycle import calibrate, convert, merge as merge_lib, methods
 
@@ -321,6 +322,8 @@ def _train_model(config, workdir: str):
   check_seq_len(loop_cfg.seq_len, plan.cfg.max_seq_len, "config.loop.seq_len")
   train_docs, eval_docs = data_documents(config, texts, plan.tokenizer)
   model = plan.build(mesh, loop_cfg.seed)
+  if plan.cfg.scan_layers:  # stored stacked while it trains: the step scans over them as
+    model = layer_stack.stack_layers(model)  # they are (the per-layer arrays are freed)
   lead = jax.process_index() == 0
   if jax.process_count() > 1:  # every process has read workdir before process 0 writes it
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -334,6 +337,7 @@ def _train_model(config, workdir: str):
   meta = {"provenance": plan.provenance, "prior_tokens_seen": plan.prior_tokens}
   last = loop_lib.train(model, train_docs, eval_docs, loop_cfg, opt_cfg, workdir, mesh=mesh,
                         meta=meta, resume_step=plan.resume_step or 0)
+  model = layer_stack.unstack_layers(model)
   final = os.path.join(workdir, "final.json")
   if not last and os.path.exists(final):  # finished before: nothing trained, keep its record
     with open(final) as f:

@@ -30,6 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("expert", "expert"),
     ("norm", None),
+    ("layers", None),  # the stacked layers' axis in training (models/layer_stack.py)
 )
 
 

@@ -15,7 +15,7 @@ import batches
 from moe_jax import checkpoint, runs, sharding
 from moe_jax.config import ModelConfig
 from moe_jax.data import pipeline
-from moe_jax.models import llama
+from moe_jax.models import layer_stack, llama
 from moe_jax.moe import expert_parallel, layer
 from moe_jax.moe.config import MoeConfig
 from moe_jax.train import checkpoints as train_ckpt, loop, optim, step
@@ -141,6 +141,45 @@ def test_checkpoint_moves_between_meshes(tmp_path):
     m2, _ = nnx.merge(graphdef, state)
     w = m2.layers[0].mlp.w_up[...]
     assert w.sharding == sharding.variable_sharding(m2.layers[0].mlp.w_up, mesh)
+  mngr.close()
+
+
+def test_stacked_layers_on_a_mesh_match_one_device_and_save_per_layer(tmp_path):
+  """Layers stored stacked (scan_layers' training layout) on a mesh: the step's loss and
+  gradients equal the per-layer model's on one device, the expert axis stays sharded
+  behind the stacked one, and the training state saves per layer, then restores stacked
+  onto another mesh and per layer onto one device."""
+  cfg, opt_cfg = _cfg().replace(n_layers=3, scan_layers=True), optim.OptimConfig()
+  mesh, mesh_b = sharding.make_mesh(fsdp=2, expert=2, tensor=2), sharding.make_mesh(expert=8)
+  model = llama.create(cfg, seed=1, mesh=mesh)
+  batch = batches.lm_batch(8, 16)
+  loss1, grads1 = _loss_and_grads(sharding.place(model, None), batch)
+  stacked = sharding.place(layer_stack.stack_layers(model), mesh)
+  w = stacked.layers.units[0].mlp.w_gate[...]
+  assert w.shape[0] == 3 and w.sharding.spec[0] is None and w.sharding.spec[1] == "expert"
+  spec = sharding.logical_to_spec(("batch", "length"), mesh_axes=mesh.axis_names)
+  sharded = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, spec)) for k, v in batch.items()}
+  with jax.set_mesh(mesh):
+    loss, grads = _loss_and_grads(stacked, sharded)
+  np.testing.assert_allclose(float(loss), float(loss1), rtol=0, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+               layer_stack.unstack_tree(_pure(grads)), _pure(grads1))
+
+  opt = loop.make_optimizer(stacked, opt_cfg, mesh)
+  nnx.update(opt, jax.tree.map(lambda x: x + 1, nnx.state(opt)))  # non-zero moments
+  want = layer_stack.unstack_tree(_pure(nnx.state((stacked, opt))))
+  docs = [np.arange(40, dtype=np.int32) % 64] * 4
+  data = iter(pipeline.packed_dataset(docs, 16, 8, 0))
+  mngr = train_ckpt.manager(str(tmp_path / "state"), keep=1)
+  loop._save(mngr, 1, nnx.state((stacked, opt)), data, {}, tokens_per_step=128)
+  mngr.wait_until_finished()
+  for layout, target_mesh in ((stacked, mesh_b), (model, None)):
+    with nnx.use_eager_sharding(False):  # restore targets: shapes and logical names only
+      graphdef, state = nnx.split(nnx.eval_shape(
+          lambda m: (m, nnx.Optimizer(m, optim.make_tx(opt_cfg), wrt=nnx.Param)), layout))
+    loop._restore(mngr, 1, state, data, target_mesh)
+    jax.tree.map(np.testing.assert_array_equal, layer_stack.unstack_tree(_pure(state)), want)
+  assert nnx.merge(graphdef, state)[0].layers[2].mlp.w_gate.shape == (8, 32, 16)
   mngr.close()
 
 

@@ -14,14 +14,11 @@ from flax import nnx
 
 from moe_jax import sharding
 from moe_jax.config import ModelConfig
-from moe_jax.models import layers
+from moe_jax.models import layer_stack, layers
 from moe_jax.moe import attention as moa_lib
 from moe_jax.moe import layer as moe_layer
 
 _init = nnx.initializers.normal(0.02)
-
-# cfg.remat -> the jax.checkpoint policy of each block in training ('none': no remat).
-REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.checkpoint_dots}
 
 
 def _param(rngs: nnx.Rngs, shape, names, dtype, init=_init) -> nnx.Param:
@@ -207,6 +204,7 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, slots: int) -> KVCache:
     """An empty KV cache of `slots` positions per row, in the compute dtype."""
     dt = jnp.dtype(self.cfg.dtype)
+    self._check_layer_list()
     kv = tuple((jnp.zeros(b.attn.cache_shape(batch, slots), dt),) * 2 for b in self.layers)
     return KVCache(kv, jnp.zeros((batch, slots), bool), jnp.int32(0))
 
@@ -217,26 +215,36 @@ class Transformer(nnx.Module):
     and each decoding step (L = 1) of generation. `real_BxL` is false for padding (left
     padding of shorter prompts), which no later token attends to. Returns the logits
     [B, L, V] (float32) and the cache with the new keys and values."""
+    self._check_layer_list()
     real_BxL = jnp.ones(tokens_BxL.shape, bool) if real_BxL is None else real_BxL
     valid_BxS = layers.write_cache(cache.valid_BxS, real_BxL, cache.index)
     mask = layers.cache_mask(valid_BxS, cache.index, tokens_BxL.shape[1], self.cfg.sliding_window)
     logits, _, kv = self._forward(tokens_BxL, positions_BxL, mask, False, None, cache)
     return logits, KVCache(kv, valid_BxS, cache.index + tokens_BxL.shape[1])
 
+  def _check_layer_list(self):
+    if isinstance(self.layers, layer_stack.LayerStack):
+      raise ValueError("decoding needs the layers as a list of blocks: "
+                       "layer_stack.unstack_layers(model)")
+
   def _forward(self, tokens_BxL, positions_BxL, mask, train, key, cache=None):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
     x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
-    moe_stats, moa_stats, new_kv = {}, {}, []
     run_block = _remat_block(cfg.remat) if train and cache is None else _block
-    start = 0
-    if cfg.scan_layers and cache is None and not moe_layer.capturing(self.layers[0]):
-      x_BxLxD, moe_stats, moa_stats, start = _scan_blocks(
-          list(self.layers), x_BxLxD, positions_BxL, mask, inv_freq, key, train, cfg.remat)
-      new_kv = [None] * start
-    for i in range(start, cfg.n_layers):
-      block = self.layers[i]
+    if isinstance(self.layers, layer_stack.LayerStack):  # the train step's layout
+      x_BxLxD, moe_stats, moa_stats, start = self.layers.scan(
+          x_BxLxD, positions_BxL, mask, inv_freq, key, train, cfg.remat)
+      rest = list(self.layers.tail)
+    else:
+      blocks, moe_stats, moa_stats, start = list(self.layers), {}, {}, 0
+      if cfg.scan_layers and cache is None and not moe_layer.capturing(blocks[0]):
+        x_BxLxD, moe_stats, moa_stats, start = _scan_blocks(
+            blocks, x_BxLxD, positions_BxL, mask, inv_freq, key, train, cfg.remat)
+      rest = blocks[start:]
+    new_kv = [None] * start
+    for i, block in enumerate(rest, start):
       layer_key = None if key is None else jax.random.fold_in(key, i)
       kv = None if cache is None else (*cache.kv[i], cache.index)
       x_BxLxD, stats, attn_stats, layer_kv = run_block(block, x_BxLxD, positions_BxL, mask,
@@ -262,57 +270,22 @@ def _remat_block(remat: str):
   """`_block`, recomputed in the backward pass under cfg.remat's policy (or as it is)."""
   if remat == "none":
     return _block
-  return nnx.remat(_block, policy=REMAT_POLICIES[remat], static_argnums=(6,))
-
-
-def scan_period(graphdefs: list) -> int:
-  """The shortest unit of consecutive layers whose structure repeats through the whole
-  stack (1 for identical layers, 2 for MoE every:2, ...), given each layer's nnx graphdef;
-  0 when no unit repeats at least twice (nothing to scan)."""
-  n = len(graphdefs)
-  for p in range(1, n // 2 + 1):
-    if all(graphdefs[i] == graphdefs[i % p] for i in range(n)):
-      return p
-  return 0
+  return nnx.remat(_block, policy=layer_stack.REMAT_POLICIES[remat], static_argnums=(6,))
 
 
 def _scan_blocks(blocks, x_BxLxD, positions_BxL, mask, inv_freq, key, train, remat):
-  """Runs the first r*p blocks (p = scan_period, r = n_layers // p) as a lax.scan over r
-  units of p blocks: each unit position's params are stacked over the units inside the
-  step (the model keeps them per layer) and the scan body, remat'd per unit under
-  cfg.remat, is compiled once. Returns (x, moe stats, moa stats, r*p)."""
+  """Blocks stored per layer, run as layer_stack.scan: the first r*p of them (p =
+  scan_period, r = n_layers // p) stacked inside the step, each unit position's variables
+  over the units. (Training stores them stacked instead, with no such copy.) Returns (x,
+  moe stats, moa stats, r*p)."""
   graphdefs, states = zip(*(nnx.split(b) for b in blocks))
-  p = scan_period(list(graphdefs))
+  p = layer_stack.scan_period(graphdefs)
   if not p:
     return x_BxLxD, {}, {}, 0
   r = len(blocks) // p
   stacked = [jax.tree.map(lambda *a: jnp.stack(a), *states[j:r * p:p]) for j in range(p)]
-  keys = None
-  if key is not None:  # layer i's key is fold_in(key, i), as in the loop
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(r * p))
-    keys = keys.reshape(r, p, *keys.shape[1:])  # typed or raw keys
-
-  def unit(x_BxLxD, xs):
-    unit_states, unit_keys = xs
-    stats = []
-    for j in range(p):
-      block = nnx.merge(graphdefs[j], unit_states[j])
-      x_BxLxD, moe, moa, _ = _block(block, x_BxLxD, positions_BxL, mask, inv_freq,
-                                    None if unit_keys is None else unit_keys[j], train, None)
-      stats.append((moe, moa))
-    return x_BxLxD, stats
-
-  if remat != "none" and train:
-    unit = jax.checkpoint(unit, policy=REMAT_POLICIES[remat])
-  x_BxLxD, stats = jax.lax.scan(unit, x_BxLxD, (stacked, keys))
-  moe_stats, moa_stats = {}, {}
-  for u in range(r):
-    for j, (moe, moa) in enumerate(stats):
-      if moe:
-        moe_stats[u * p + j] = jax.tree.map(lambda a, u=u: a[u], moe)
-      if moa:
-        moa_stats[u * p + j] = jax.tree.map(lambda a, u=u: a[u], moa)
-  return x_BxLxD, moe_stats, moa_stats, r * p
+  return (*layer_stack.scan(graphdefs[:p], stacked, x_BxLxD, positions_BxL, mask, inv_freq,
+                            key, train, remat), r * p)
 
 
 @nnx.jit

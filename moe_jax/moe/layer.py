@@ -17,8 +17,10 @@ def _param(rngs, shape, names, dtype, init=_init) -> nnx.Param:
 
 
 def update_router_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
-  """DeepSeek-V3 auxiliary-loss-free balancing: b_i += rate * sign(mean_load - load_i)."""
-  return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E).astype(bias_E.dtype)
+  """DeepSeek-V3 auxiliary-loss-free balancing: b_i += rate * sign(mean_load - load_i)
+  (over the last axis: [..., E] rows of stacked layers each by its own mean)."""
+  mean = jnp.mean(load_E, axis=-1, keepdims=True)
+  return bias_E + rate * jnp.sign(mean - load_E).astype(bias_E.dtype)
 
 
 def _route(logits_TxE, cfg: MoeConfig, bias_E):

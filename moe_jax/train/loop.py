@@ -27,6 +27,7 @@ from moe_jax import errors
 from moe_jax import metrics as metrics_lib
 from moe_jax import sharding
 from moe_jax.data import pipeline
+from moe_jax.models import layer_stack
 from moe_jax.train import checkpoints as train_ckpt, flops, optim, step as step_lib
 
 
@@ -88,8 +89,8 @@ def _save(mngr, step: int, state: nnx.State, data_iter, meta: dict, tokens_per_s
   tokens = step * tokens_per_step
   meta = dict(meta, step=step, tokens_seen=tokens,
               tokens_seen_total=meta.get("prior_tokens_seen", 0) + tokens)
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+  mngr.save(step, args=ocp.args.Composite(  # layers per layer, however they are stored
+      state=ocp.args.StandardSave(layer_stack.unstack_tree(nnx.to_pure_dict(state))),
       data=grain.checkpoint.CheckpointSave(data_iter),
       meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -97,9 +98,9 @@ def _save(mngr, step: int, state: nnx.State, data_iter, meta: dict, tokens_per_s
 def _restore(mngr, step: int, state: nnx.State, data_iter, mesh) -> None:
   target = sharding.abstract_arrays(state, mesh)
   restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target),
+      state=ocp.args.StandardRestore(layer_stack.unstack_tree(target)),
       data=grain.checkpoint.CheckpointRestore(data_iter)))
-  nnx.replace_by_pure_dict(state, restored["state"])
+  nnx.replace_by_pure_dict(state, layer_stack.stack_tree(restored["state"], target))
 
 
 def _non_finite(loss: float, grad_norm: float, params_finite: bool) -> str:

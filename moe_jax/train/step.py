@@ -31,13 +31,18 @@ def loss_fn(model, batch: dict, *, train: bool = True, key: jax.Array | None = N
 
 
 def update_router_biases(model, moe_stats: dict) -> None:
-  """DeepSeek-V3 bias balancing, outside the gradient: b_i += rate * sign(mean - load_i)."""
+  """DeepSeek-V3 bias balancing, outside the gradient: b_i += rate * sign(mean - load_i),
+  for blocks stored per layer or stacked (one row per layer: layer_stack.groups)."""
+  from moe_jax.models import layer_stack  # pylint: disable=g-import-not-at-top
   from moe_jax.moe.layer import update_router_bias  # pylint: disable=g-import-not-at-top
-  for i, stats in moe_stats.items():
-    block = model.layers[i].mlp
-    if hasattr(block, "router_bias"):
-      block.router_bias[...] = update_router_bias(block.router_bias[...], stats["load_E"],
-                                                  block.cfg.bias_update_rate)
+  for block, ids in layer_stack.groups(model.layers):
+    mlp = block.mlp
+    if not hasattr(mlp, "router_bias"):
+      continue
+    load = (moe_stats[ids]["load_E"] if isinstance(ids, int)
+            else jnp.stack([moe_stats[i]["load_E"] for i in ids]))
+    mlp.router_bias[...] = update_router_bias(mlp.router_bias[...], load,
+                                              mlp.cfg.bias_update_rate)
 
 
 def all_finite(tree) -> jax.Array:
@@ -70,8 +75,9 @@ def microbatches(batch: dict, k: int) -> dict:
                       batch)
 
 
-def _layer_aux(model, i: int, load_E: jax.Array, probs_E: jax.Array) -> jax.Array:
-  return model.layers[i].mlp.cfg.aux_loss_coeff * losses.balance_loss(load_E, probs_E)
+def _layer_aux(model, load_E: jax.Array, probs_E: jax.Array) -> jax.Array:
+  """An MoE layer's balance loss (every MoE layer has the model's MoE config)."""
+  return model.cfg.moe.aux_loss_coeff * losses.balance_loss(load_E, probs_E)
 
 
 def grad_accumulate(model, batch: dict, rng: jax.Array, k: int):
@@ -100,7 +106,7 @@ def grad_accumulate(model, batch: dict, rng: jax.Array, k: int):
     logits, aux = forward(p, mb, key)
     ce = (token_nll(logits, mb["targets"]) * mb["loss_mask"]).sum() / tokens
     moe = aux["moe"]
-    aux_loss = sum((_layer_aux(model, i, load_E[i], s["probs_E"]) for i, s in moe.items()),
+    aux_loss = sum((_layer_aux(model, load_E[i], s["probs_E"]) for i, s in moe.items()),
                    jnp.float32(0)) / k
     z = sum((s["z_loss"] for s in moe.values()), jnp.float32(0)) / k
     return ce + aux_loss + z, (ce, aux_loss, z, moe, aux["moa"])
@@ -115,7 +121,7 @@ def grad_accumulate(model, batch: dict, rng: jax.Array, k: int):
   moe, moa = mean(moe), mean(moa)
   for i in moe:  # the global batch's statistics (aux at the global load and probs)
     moe[i]["load_E"] = load_E[i]
-    moe[i]["aux_loss"] = _layer_aux(model, i, load_E[i], moe[i]["probs_E"])
+    moe[i]["aux_loss"] = _layer_aux(model, load_E[i], moe[i]["probs_E"])
   metrics = {"ce": ce.sum(), "aux_loss": aux_loss.sum(), "z_loss": z.sum(),
              "tokens": batch["loss_mask"].sum(), "moe": moe, "moa": moa}
   return (micro_losses.sum(), metrics), grads
