@@ -1,10 +1,14 @@
 """Forward+backward time of the MoE layer vs a dense SwiGLU FFN of equal active FLOPs.
 
-  python -m experiments.bench_moe --T=8192 --d=512 --f=1024 --E=8 --k=2 --backend=dropless
+  python -m experiments.bench_moe --T=8192 --d=512 --repeats=5
 
-The dense FFN has width k*f. The two alternate in one process after warm-up; the last
-line printed is `ratio=<median MoE time / median dense time>` (then, with --gmm, the
-grouped-matmul TFLOP/s of the Pallas gmm, jax.lax.ragged_dot and a dense matmul).
+Each shape E:f:k of --shapes (by default the coarse 8:1024:2 and the fine-grained
+64:128:8 that the speed goals name; --E/--f/--k give one shape instead) runs with each
+backend of --backend; the dense FFN has
+width k*f. The MoE (router included) and the dense FFN alternate in one process after
+warm-up, and each pair prints `ratio=<median MoE time / median dense time>`; the last
+lines are one `summary` line per pair. With --gmm, also the grouped-matmul TFLOP/s of the
+Pallas gmm, jax.lax.ragged_dot and a dense matmul at each shape.
 """
 from absl import app, flags
 
@@ -14,11 +18,14 @@ from moe_jax import bench
 
 _T = flags.DEFINE_integer("T", 8192, "Tokens.")
 _D = flags.DEFINE_integer("d", 512, "Model width.")
-_F = flags.DEFINE_integer("f", 1024, "Expert width.")
-_E = flags.DEFINE_integer("E", 8, "Experts.")
-_K = flags.DEFINE_integer("k", 2, "Experts per token.")
+_SHAPES = flags.DEFINE_list("shapes", ["8:1024:2", "64:128:8"],
+                            "Shapes as experts:expert width:top-k.")
+_E = flags.DEFINE_integer("E", None, "Experts: with --f and --k (default 8, 1024, 2), one "
+                          "shape instead of --shapes.")
+_F = flags.DEFINE_integer("f", None, "Expert width (see --E).")
+_K = flags.DEFINE_integer("k", None, "Experts per token (see --E).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_BACKEND = flags.DEFINE_string("backend", "dropless", "Dispatch backend.")
+_BACKEND = flags.DEFINE_list("backend", ["dropless", "capacity"], "Dispatch backends.")
 _CF = flags.DEFINE_float("capacity_factor", 1.0, "Capacity factor (capacity backend).")
 _ROUTER = flags.DEFINE_string("router", "topk_softmax", "Router.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions of each.")
@@ -26,13 +33,29 @@ _GMM = flags.DEFINE_bool("gmm", False, "Also report TFLOP/s of one grouped matmu
                          "d -> f): Pallas gmm vs jax.lax.ragged_dot vs dense.")
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+  parts = text.split(":")
+  if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise app.UsageError(f"--shapes={text!r}: expected experts:expert width:top-k, "
+                         "positive integers (e.g. 64:128:8)")
+  return tuple(int(p) for p in parts)
+
+
 def main(argv):
   del argv
-  bench.bench_moe(_T.value, _D.value, _F.value, _E.value, _K.value, _DTYPE.value,
-                  _BACKEND.value, _CF.value, _ROUTER.value, _REPEATS.value)
-  if _GMM.value:
-    bench.bench_gmm(_T.value * _K.value, _D.value, _F.value, _E.value, _DTYPE.value,
-                    _REPEATS.value)
+  shapes = [_shape(s) for s in _SHAPES.value]
+  if any(v is not None for v in (_E.value, _F.value, _K.value)):
+    shapes = [(_E.value or 8, _F.value or 1024, _K.value or 2)]
+  ratios = {}
+  for e, f, k in shapes:
+    for backend in _BACKEND.value:
+      ratios[(e, f, k, backend)] = bench.bench_moe(
+          _T.value, _D.value, f, e, k, _DTYPE.value, backend, _CF.value, _ROUTER.value,
+          _REPEATS.value)
+    if _GMM.value:
+      bench.bench_gmm(_T.value * k, _D.value, f, e, _DTYPE.value, _REPEATS.value)
+  for (e, f, k, backend), ratio in ratios.items():
+    print(f"summary E={e} f={f} k={k} backend={backend} moe_over_dense={ratio:.3f}")
 
 
 if __name__ == "__main__":
