@@ -133,8 +133,9 @@ def comparison_table(rows: list[dict], comparisons: Iterable[tuple[str, str]],
 
 
 def trends(rows: list[dict], values: dict[str, Any], label: str) -> list[str]:
-  """Sentences on the arms' means against a varied value: the best arm, and (for a
-  numeric value) the Spearman rank correlation of each metric with it."""
+  """Sentences on the arms' means against a varied value: the best arm, the fastest to
+  train (where throughput was logged), and (for a numeric value) the Spearman rank
+  correlation of each metric with it."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
   arms = by_arm(rows)
   names = [a for a in values if a in arms]
@@ -143,6 +144,12 @@ def trends(rows: list[dict], values: dict[str, Any], label: str) -> list[str]:
   best = min(names, key=means["eval_loss"].get)
   out = [f"lowest mean held-out loss: {best} ({label} = {values[best]}, "
          f"{_pm([r['eval_loss'] for r in arms[best]], '.4f')})"]
+  speed = {a: study.mean_std([r.get("tokens_per_s", math.nan) for r in arms[a]])[0]
+           for a in names}
+  if len(names) > 1 and all(math.isfinite(v) for v in speed.values()):
+    fast, slow = max(names, key=speed.get), min(names, key=speed.get)
+    out.append(f"highest training throughput: {fast} ({speed[fast]:.0f} tokens/s, "
+               f"{speed[fast] / speed[slow]:.2f}x the slowest, {slow})")
   numeric = all(isinstance(values[a], (int, float)) for a in names)
   for key, what in (("eval_loss", "held-out loss"), ("expert_cosine", "expert cosine to the seed")):
     ys = [means[key][a] for a in names]

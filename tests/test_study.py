@@ -132,10 +132,15 @@ def test_verdicts_name_noise_reproduction_and_the_opposite():
 
 def test_trends_find_the_best_arm_and_rank_correlations():
   rows = _rows([("lr1", [3.3, 3.4], 0.99), ("lr2", [3.1, 3.2], 0.95), ("lr3", [3.2, 3.3], 0.90)])
-  out = study_report.trends(rows, {"lr1": 1e-4, "lr2": 1e-3, "lr3": 1e-2}, "lr")
+  values = {"lr1": 1e-4, "lr2": 1e-3, "lr3": 1e-2}
+  out = study_report.trends(rows, values, "lr")
   assert out[0].startswith("lowest mean held-out loss: lr2 (lr = 0.001, 3.1500 ± 0.0707)")
   assert out[1].endswith("Spearman rank correlation -0.50 over the 3 arm means")
   assert out[2].startswith("expert cosine to the seed against lr: Spearman rank correlation -1.00")
+  for r, tps in zip(rows, (900, 1100, 2000, 2000, 1500, 1500)):
+    r["tokens_per_s"] = tps
+  out = study_report.trends(rows, values, "lr")
+  assert out[1] == "highest training throughput: lr2 (2000 tokens/s, 2.00x the slowest, lr1)"
 
 
 def test_expected_signs_must_name_a_comparison(tmp_path):
