@@ -115,9 +115,6 @@ class LayerStack(nnx.Module):
                            for j in range(p)])
     self.tail = nnx.List(list(blocks[r * p:]))
 
-  def __len__(self) -> int:
-    return self.period * self.repeats + len(self.tail)
-
   def scan(self, x_BxLxD, positions_BxL, mask, inv_freq, key, train: bool, remat: str):
     """(x, moe stats, moa stats, number of layers run): the units' layers, scanned over
     the stored stacks; the caller runs `tail` after them."""

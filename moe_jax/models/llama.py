@@ -233,16 +233,16 @@ class Transformer(nnx.Module):
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
     x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
     run_block = _remat_block(cfg.remat) if train and cache is None else _block
-    if isinstance(self.layers, layer_stack.LayerStack):  # the train step's layout
-      x_BxLxD, moe_stats, moa_stats, start = self.layers.scan(
+    blocks = self.layers
+    if (cfg.scan_layers and cache is None and not isinstance(blocks, layer_stack.LayerStack)
+        and not moe_layer.capturing(blocks[0])):  # stored per layer: stacked in the step
+      blocks = layer_stack.LayerStack(list(blocks))
+    if isinstance(blocks, layer_stack.LayerStack):  # training stores them so, no copy
+      x_BxLxD, moe_stats, moa_stats, start = blocks.scan(
           x_BxLxD, positions_BxL, mask, inv_freq, key, train, cfg.remat)
-      rest = list(self.layers.tail)
+      rest = list(blocks.tail)
     else:
-      blocks, moe_stats, moa_stats, start = list(self.layers), {}, {}, 0
-      if cfg.scan_layers and cache is None and not moe_layer.capturing(blocks[0]):
-        x_BxLxD, moe_stats, moa_stats, start = _scan_blocks(
-            blocks, x_BxLxD, positions_BxL, mask, inv_freq, key, train, cfg.remat)
-      rest = blocks[start:]
+      moe_stats, moa_stats, start, rest = {}, {}, 0, list(blocks)
     new_kv = [None] * start
     for i, block in enumerate(rest, start):
       layer_key = None if key is None else jax.random.fold_in(key, i)
@@ -271,21 +271,6 @@ def _remat_block(remat: str):
   if remat == "none":
     return _block
   return nnx.remat(_block, policy=layer_stack.REMAT_POLICIES[remat], static_argnums=(6,))
-
-
-def _scan_blocks(blocks, x_BxLxD, positions_BxL, mask, inv_freq, key, train, remat):
-  """Blocks stored per layer, run as layer_stack.scan: the first r*p of them (p =
-  scan_period, r = n_layers // p) stacked inside the step, each unit position's variables
-  over the units. (Training stores them stacked instead, with no such copy.) Returns (x,
-  moe stats, moa stats, r*p)."""
-  graphdefs, states = zip(*(nnx.split(b) for b in blocks))
-  p = layer_stack.scan_period(graphdefs)
-  if not p:
-    return x_BxLxD, {}, {}, 0
-  r = len(blocks) // p
-  stacked = [jax.tree.map(lambda *a: jnp.stack(a), *states[j:r * p:p]) for j in range(p)]
-  return (*layer_stack.scan(graphdefs[:p], stacked, x_BxLxD, positions_BxL, mask, inv_freq,
-                            key, train, remat), r * p)
 
 
 @nnx.jit
