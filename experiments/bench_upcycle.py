@@ -34,7 +34,7 @@ _KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoints afterwards.")
 _ONLINE = flags.DEFINE_bool("online", False, "Upcycle on the fly onto a mesh of fake devices.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "--online: fake CPU devices.")
 _AXIS = flags.DEFINE_enum("axis", "expert", ["expert", "fsdp"], "--online: the mesh axis over "
-                          "the devices (fsdp: every param sharded, no replicas).")
+                          "the devices.")
 
 # --online's child: the train binary's on-the-fly upcycle (init_plan.InitPlan.build).
 ONLINE = """

@@ -23,7 +23,10 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # The expert axis also shards what has no expert dimension (attention, embedding,
+    # dense FFNs, router), as MaxText does: without it every device of an expert mesh holds
+    # a whole replica of them. An expert weight's own "expert" dim takes that axis first.
+    ("embed", ("fsdp", "expert")),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -41,7 +44,8 @@ def logical_to_spec(names: Sequence[str | None] | None, rules=LOGICAL_RULES,
   """PartitionSpec for logical axis names.
 
   Mesh axes absent from the mesh are dropped; given `shape` and `mesh_shape`, a mesh
-  axis that does not divide its dimension is dropped too (that dimension replicates).
+  axis of size 1 or one that does not divide its dimension is dropped too (a dimension
+  left with none replicates), so a spec names only the axes that split it.
   """
   if names is None:
     return P()
@@ -55,7 +59,7 @@ def logical_to_spec(names: Sequence[str | None] | None, rules=LOGICAL_RULES,
     if shape is not None and mesh_shape is not None:
       kept, size = [], 1
       for a in axes:
-        if shape[dim] % (size * mesh_shape[a]) == 0:
+        if mesh_shape[a] > 1 and shape[dim] % (size * mesh_shape[a]) == 0:
           kept.append(a)
           size *= mesh_shape[a]
       axes = tuple(kept)

@@ -196,6 +196,22 @@ def test_mesh_shape_resolution():
       sharding.resolve_mesh_shape(8, **kw)
 
 
+def test_the_expert_axis_shards_what_has_no_expert_dimension():
+  """On an expert mesh, attention, embedding and router are split over the expert axis
+  through their embed dimension (no whole replica per device), expert weights keep it on
+  their expert dimension, and a size-1 axis is left out of a spec."""
+  model = llama.create(_cfg(), seed=0, mesh=sharding.make_mesh(expert=8))
+  d = _cfg().d_model
+  for w in (model.layers[0].attn.wq[...], model.embed[...], model.layers[0].mlp.router[...]):
+    assert {s.data.shape[w.shape.index(d)] for s in w.addressable_shards} == {d // 8}
+  assert model.layers[0].mlp.w_gate[...].sharding.spec == P("expert", None, None)
+  rules_spec = lambda names, shape, **mesh: sharding.logical_to_spec(
+      names, mesh_shape=sharding.resolve_mesh_shape(8, **mesh), shape=shape)
+  assert rules_spec(("embed", "heads"), (16, 4), fsdp=2, tensor=4) == P("fsdp", "tensor")
+  assert rules_spec(("embed", "heads"), (16, 4), fsdp=2, expert=4) == P(("fsdp", "expert"), None)
+  assert rules_spec(("expert", "embed"), (4, 16), fsdp=2, expert=4) == P("expert", "fsdp")
+
+
 @pytest.mark.parametrize("overrides,msg", [
     (dict(expert=3), "mesh.expert=3 does not divide the 4 experts"),
     (dict(data=4, expert=4), "mesh.data=4: mesh data=4xfsdp=1xexpert=4xtensor=1 needs 16 "
