@@ -2,13 +2,15 @@
 
   python -m experiments.bench_upcycle --workdir=/tmp/bench_upcycle   # ~1.1B params, 8 experts
   python -m experiments.bench_upcycle --online --devices=8 --d=1024 --f=2816
+  python -m experiments.bench_upcycle --online --devices=8 --param_dtype=bfloat16  # 1.1B
 
 Writes a random Llama-shaped checkpoint (sharded safetensors, one shard per layer),
 upcycles it in a child process and reports that process's own peak RSS (ru_maxrss from
 os.wait4 on it) and wall time. --online upcycles on the fly onto a mesh (`axis` over
 `devices` fake CPU devices), as `train --config.init=<dense>` does, with nothing written:
 the child then holds the whole MoE in its devices' memory, which on CPU is its own, and
-the bound printed is the dense model plus the experts plus 20%.
+the bound printed is the dense model plus the experts plus 20%, in --param_dtype (the
+MoE's params; the dense checkpoint is float32 either way).
 """
 import json
 import os
@@ -33,16 +35,20 @@ _METHOD = flags.DEFINE_string("method", "copy", "Upcycling method.")
 _KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoints afterwards.")
 _ONLINE = flags.DEFINE_bool("online", False, "Upcycle on the fly onto a mesh of fake devices.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "--online: fake CPU devices.")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
+                                 "--online: the MoE's param dtype.")
 _AXIS = flags.DEFINE_enum("axis", "expert", ["expert", "fsdp"], "--online: the mesh axis over "
                           "the devices.")
 
 # --online's child: the train binary's on-the-fly upcycle (init_plan.InitPlan.build).
 ONLINE = """
+import dataclasses
 import sys
 from moe_jax import sharding
 from moe_jax.convert import load
 from moe_jax.upcycle import convert, methods
 src = load.open_source(sys.argv[1])
+src = dataclasses.replace(src, cfg=src.cfg.replace(param_dtype=sys.argv[6]))
 mesh = sharding.make_mesh(**{sys.argv[5]: int(sys.argv[2])})
 model = convert.upcycle_model(src, methods.UpcycleSpec(sys.argv[3], int(sys.argv[4]), 2), mesh=mesh)
 import jax
@@ -102,7 +108,8 @@ def main(argv):
   if _ONLINE.value:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={_DEVICES.value}"}
     child = subprocess.Popen([sys.executable, "-c", ONLINE, dense, str(_DEVICES.value),
-                              _METHOD.value, str(_EXPERTS.value), _AXIS.value], env=env,
+                              _METHOD.value, str(_EXPERTS.value), _AXIS.value,
+                              _PARAM_DTYPE.value], env=env,
                              stdout=subprocess.PIPE, text=True)
   else:
     child = subprocess.Popen([
@@ -118,9 +125,11 @@ def main(argv):
   print(f"dense_params={int(n)} experts={_EXPERTS.value} method={_METHOD.value}")
   if _ONLINE.value:
     ffn = 3 * _D.value * _F.value * _LAYERS.value
-    bound = 1.2 * 4 * (int(n) + _EXPERTS.value * ffn)  # float32: dense + the local experts
+    width = {"float32": 4, "bfloat16": 2}[_PARAM_DTYPE.value]
+    bound = 1.2 * width * (int(n) + _EXPERTS.value * ffn)  # dense + the local experts
     held = int(child.stdout.read().split("device_bytes=")[-1])
-    print(f"online devices={_DEVICES.value} axis={_AXIS.value} seconds={seconds:.1f}")
+    print(f"online devices={_DEVICES.value} axis={_AXIS.value} param_dtype={_PARAM_DTYPE.value} "
+          f"seconds={seconds:.1f}")
     print(f"bound_gb={bound / 2**30:.3f} (the dense model + the local experts, + 20%)")
     print(f"device_held_gb={held / 2**30:.3f} (every shard on the fake devices, replicas "
           "of the non-expert params included: on CPU they are all this process's memory)")
