@@ -31,6 +31,8 @@ _ROUTER = flags.DEFINE_string("router", "topk_softmax", "Router.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions of each.")
 _GMM = flags.DEFINE_bool("gmm", False, "Also report TFLOP/s of one grouped matmul (T*k rows, "
                          "d -> f): Pallas gmm vs jax.lax.ragged_dot vs dense.")
+_TILINGS = flags.DEFINE_list("gmm_tilings", [], "--gmm: also time the Pallas gmm at these "
+                             "tilings, bm:bk:bn or bm:bk:bn:num_warps:num_stages (Triton).")
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -38,6 +40,14 @@ def _shape(text: str) -> tuple[int, int, int]:
   if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
     raise app.UsageError(f"--shapes={text!r}: expected experts:expert width:top-k, "
                          "positive integers (e.g. 64:128:8)")
+  return tuple(int(p) for p in parts)
+
+
+def _tiling(text: str) -> tuple[int, ...]:
+  parts = text.split(":")
+  if len(parts) not in (3, 5) or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise app.UsageError(f"--gmm_tilings={text!r}: expected bm:bk:bn or "
+                         "bm:bk:bn:num_warps:num_stages, positive integers")
   return tuple(int(p) for p in parts)
 
 
@@ -53,7 +63,8 @@ def main(argv):
           _T.value, _D.value, f, e, k, _DTYPE.value, backend, _CF.value, _ROUTER.value,
           _REPEATS.value)
     if _GMM.value:
-      bench.bench_gmm(_T.value * k, _D.value, f, e, _DTYPE.value, _REPEATS.value)
+      bench.bench_gmm(_T.value * k, _D.value, f, e, _DTYPE.value, _REPEATS.value,
+                      (None, *(_tiling(t) for t in _TILINGS.value)))
   for (e, f, k, backend), ratio in ratios.items():
     print(f"summary E={e} f={f} k={k} backend={backend} moe_over_dense={ratio:.3f}")
 

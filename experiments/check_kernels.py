@@ -1,23 +1,58 @@
-"""Lower every Pallas kernel, its gradient and the MoE layer (pallas backend) for GPU/TPU.
+"""Check the Pallas kernels: lower them for GPU/TPU, or run them here against references.
 
-  python -m experiments.check_kernels --platforms=tpu,cuda
+  python -m experiments.check_kernels --platforms=tpu,cuda       # lowering, any machine
+  python -m experiments.check_kernels --run --dtypes=float32,bfloat16 \
+      --T=4096 --d=1024 --f=512 --E=8 --k=2                        # on this platform
 
-Runs on any machine (jax.export needs no accelerator). Prints `<kernel> <platform> ok`
-or the error, one line each; the exit status is 1 if anything failed to lower.
+Lowering (jax.export needs no accelerator) prints `<kernel> <platform> ok` or the error,
+one line each. --run runs every kernel, forward and backward, on this machine's platform
+(the real Triton/Mosaic kernels on a GPU/TPU, the interpreter on CPU) against plain-jnp
+references (pallas_kernels/run_check.py) and prints each relative error against its
+dtype's bound. The exit status is 1 if anything failed.
 """
 import sys
 
+import jax
 from absl import app, flags
 
 from experiments import cli
 
-from pallas_kernels import export_check
+from pallas_kernels import export_check, run_check
 
 _PLATFORMS = flags.DEFINE_list("platforms", ["tpu", "cuda"], "Platforms to lower for.")
+_RUN = flags.DEFINE_bool("run", False, "Run the kernels here instead of lowering them.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32"], "--run: input dtypes.")
+_SEEDS = flags.DEFINE_integer("seeds", 2, "--run: fresh random draws per dtype.")
+_T = flags.DEFINE_integer("T", 96, "--run: tokens.")
+_D = flags.DEFINE_integer("d", 32, "--run: model width.")
+_F = flags.DEFINE_integer("f", 24, "--run: expert width.")
+_E = flags.DEFINE_integer("E", 4, "--run: experts.")
+_K = flags.DEFINE_integer("k", 2, "--run: experts per token.")
+
+
+def run() -> bool:
+  sizes = run_check.Sizes(_T.value, _D.value, _F.value, _E.value, _K.value)
+  print(f"platform={jax.default_backend()} device={jax.devices()[0].device_kind} {sizes}")
+  ok = True
+  for dtype in _DTYPES.value:
+    bound = run_check.TOLERANCE[dtype]
+    for seed in range(_SEEDS.value):
+      for name, err in run_check.run_all(sizes, dtype, seed).items():
+        ok &= err <= bound
+        print(f"{dtype} seed={seed} {name:<30} rel_err={err:.2e} "
+              f"{'ok' if err <= bound else f'FAIL (bound {bound:.0e})'}", flush=True)
+  return ok
 
 
 def main(argv):
   del argv
+  if _RUN.value:
+    unknown = sorted(set(_DTYPES.value) - set(run_check.TOLERANCE))
+    if unknown:
+      print(f"error: --dtypes: unknown {unknown}; expected some of "
+            f"{sorted(run_check.TOLERANCE)}", file=sys.stderr)
+      sys.exit(1)
+    sys.exit(0 if run() else 1)
   unknown = sorted(set(_PLATFORMS.value) - set(export_check.KERNEL_CALL))
   if unknown:
     print(f"error: --platforms: unknown {unknown}; expected some of "

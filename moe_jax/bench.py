@@ -62,22 +62,26 @@ def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
   return ratio
 
 
-def bench_gmm(m: int, k: int, n: int, e: int, dtype: str, repeats: int) -> dict[str, float]:
-  """TFLOP/s of one grouped matmul [m, k] x [e, k, n] over e equal groups: the Pallas gmm,
-  jax.lax.ragged_dot, and a dense [m, k] x [k, n] matmul of the same FLOPs. On CPU the
-  Pallas kernel runs in the interpreter: that number is not a kernel timing."""
+def bench_gmm(m: int, k: int, n: int, e: int, dtype: str, repeats: int,
+              tilings: tuple = (None,)) -> dict[str, float]:
+  """TFLOP/s of one grouped matmul [m, k] x [e, k, n] over e equal groups: the Pallas gmm
+  (forward, at each tiling of `tilings`; None: its default), jax.lax.ragged_dot, and a
+  dense [m, k] x [k, n] matmul of the same FLOPs. On CPU the Pallas kernel runs in the
+  interpreter: that number is not a kernel timing."""
   from pallas_kernels.gmm import ops as gmm_ops  # pylint: disable=g-import-not-at-top
   dt = jnp.dtype(dtype)
   ks = jax.random.split(jax.random.key(1), 2)
   lhs = jax.random.normal(ks[0], (m, k), dt)
   rhs = jax.random.normal(ks[1], (e, k, n), dt) * k ** -0.5
   sizes = jnp.full((e,), m // e, jnp.int32).at[-1].add(m % e)
-  fns = {"gmm": (jax.jit(gmm_ops.gmm), (lhs, rhs, sizes)),
-         "ragged_dot": (jax.jit(jax.lax.ragged_dot), (lhs, rhs, sizes)),
-         "dense": (jax.jit(jnp.matmul), (lhs, rhs[0]))}
+  name = lambda t: "gmm" if t is None else "gmm_" + "x".join(map(str, t))
+  fns = {name(t): (jax.jit(lambda l, r, s, t=t: gmm_ops.gmm(l, r, s, None, t)), (lhs, rhs, sizes))
+         for t in tilings}
+  fns.update({"ragged_dot": (jax.jit(jax.lax.ragged_dot), (lhs, rhs, sizes)),
+              "dense": (jax.jit(jnp.matmul), (lhs, rhs[0]))})
   tflops = {name: 2 * m * k * n / s / 1e12 for name, s in alternate(fns, repeats).items()}
   print(f"gmm m={m} k={k} n={n} groups={e} dtype={dtype} device={jax.devices()[0].device_kind}")
-  print(" ".join(f"{name}_tflops={v:.3f}" for name, v in tflops.items()))
+  print(" ".join(f"{name}_tflops={v:.3f}" for name, v in tflops.items()), flush=True)
   return tflops
 
 
@@ -208,4 +212,86 @@ def compile_memory(cfg, batch: int, length: int, variants: list[tuple[str, str]]
     print(f"layers={layout} remat={remat}: compile {seconds:.1f} s, temp "
           f"{mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments "
           f"{mem.argument_size_in_bytes / 2**30:.2f} GiB", flush=True)
+  return out
+
+
+# Model shapes for benchmarks that need no checkpoint: the weights are random, the shapes
+# are real. smollm2-135m is the embedded model's config (a test checks it against the
+# GGUF), llama-1b the synthetic 1.1B model of experiments.bench_upcycle (TinyLlama's
+# shape), seed the study's seed model (configs/study/common.py).
+SHAPES = {
+    "smollm2-135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         head_dim=64, ffn_dim=1536, rope_theta=100000.0, rms_eps=1e-5,
+                         tie_embeddings=True, max_seq_len=8192),
+    "llama-1b": dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                     head_dim=64, ffn_dim=5632, rms_eps=1e-5, max_seq_len=2048),
+    "seed": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                 head_dim=32, ffn_dim=512, max_seq_len=512),
+}
+
+
+def model_shape(name: str, experts: int = 0, top_k: int = 2, **moe) -> "ModelConfig":
+  """SHAPES[name] as a ModelConfig; with experts > 0, copy-upcycled into that many experts
+  top_k in every layer (moe: MoeConfig overrides, e.g. backend)."""
+  from moe_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from moe_jax.upcycle import convert, methods  # pylint: disable=g-import-not-at-top
+  if name not in SHAPES:
+    raise ValueError(f"model={name!r}: expected one of {sorted(SHAPES)}")
+  cfg = ModelConfig(**SHAPES[name])
+  if experts:
+    cfg = convert.moe_model_config(cfg, methods.UpcycleSpec("copy", experts, top_k), **moe)
+  return cfg
+
+
+def bench_train(cfg, batch: int, length: int, steps: int, rounds: int = 2) -> dict:
+  """Training throughput of `cfg` (random weights) on random tokens: the train step of
+  experiments.train (AdamW, the layers stored stacked when cfg.scan_layers), `steps` steps
+  dispatched back to back per round, blocked at the round's end; the best round counts.
+  MFU is model FLOPs (train.flops: 6 x active params + attention, no recompute) over the
+  device's dense bf16 peak (None where unknown, e.g. CPU)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from moe_jax.models import layer_stack, llama  # pylint: disable=g-import-not-at-top
+  from moe_jax.train import flops, optim, step  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  model = llama.create(cfg)
+  if cfg.scan_layers:
+    model = layer_stack.stack_layers(model)
+  optimizer = step.make_optimizer(model, optim.OptimConfig(total_steps=steps))
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  init_s = time.perf_counter() - t0
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (batch, length + 1), dtype=np.int32)
+  data = {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+          "positions": jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)),
+          "segment_ids": jnp.ones((batch, length), jnp.int32),
+          "loss_mask": jnp.ones((batch, length), jnp.float32)}
+  key, lr = jax.random.key(0), jnp.float32(1e-4)
+  t0 = time.perf_counter()
+  m = step.train_step(model, optimizer, data, key, lr)
+  jax.block_until_ready(m["loss"])
+  first_s = time.perf_counter() - t0  # compile + one step
+  best = float("inf")
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for i in range(steps):
+      m = step.train_step(model, optimizer, data, jax.random.fold_in(key, i), lr)
+    jax.block_until_ready(m["loss"])
+    best = min(best, (time.perf_counter() - t0) / steps)
+  tps = batch * length / best
+  fpt = flops.train_flops_per_token(cfg, length)
+  peak = flops.peak_flops_per_device()
+  out = {"params": int(params), "active_params": flops.active_params_per_token(cfg),
+         "batch": batch, "length": length, "init_s": init_s, "first_step_s": first_s,
+         "step_s": best, "tokens_per_s": tps, "model_tflops_per_s": tps * fpt / 1e12,
+         "mfu": tps * fpt / peak if peak else None, "loss": float(m["loss"]),
+         "device": jax.devices()[0].device_kind}
+  moe = f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} backend={cfg.moe.backend}" \
+      if cfg.moe else "dense"
+  print(f"{moe} params={params / 1e6:.1f}M active={out['active_params'] / 1e6:.1f}M "
+        f"batch={batch}x{length} dtype={cfg.dtype} remat={cfg.remat} "
+        f"scan_layers={cfg.scan_layers} device={out['device']}")
+  mfu = f"{out['mfu']:.3f}" if peak else "n/a"
+  print(f"init {init_s:.1f} s, compile+first step {first_s:.1f} s, step {best * 1e3:.1f} ms, "
+        f"{tps:.0f} tokens/s, {out['model_tflops_per_s']:.1f} model TFLOP/s, mfu={mfu}",
+        flush=True)
   return out

@@ -52,13 +52,14 @@ def dispatch(fn: Callable, target: Target | None, *args):
   return jax.lax.platform_dependent(*args, default=functools.partial(fn, INTERPRET), **branches)
 
 
-def compiler_params(target: Target, mosaic_semantics: tuple[str, ...], num_warps: int = 4):
+def compiler_params(target: Target, mosaic_semantics: tuple[str, ...], num_warps: int = 4,
+                    num_stages: int = 1):
   """Backend compiler parameters; the Triton ones select the Triton lowering on GPU."""
   if target.variant == "mosaic":
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
     return pltpu.CompilerParams(dimension_semantics=mosaic_semantics)
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def next_pow2(n: int) -> int:

@@ -98,7 +98,7 @@ def test_bytes_per_device_fall_with_expert_and_fsdp():
   for axes in meshes:
     mesh = sharding.make_mesh(**axes)
     model = sharding.place(model, mesh)
-    opt = loop.make_optimizer(model, optim.OptimConfig(), mesh)
+    opt = step.make_optimizer(model, optim.OptimConfig(), mesh)
     w = model.layers[1].mlp.w_down[...]
     assert {s.data.shape[0] for s in w.addressable_shards} == {8 // axes.get("expert", 1)}
     mu = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(opt))
@@ -120,7 +120,7 @@ def test_checkpoint_moves_between_meshes(tmp_path):
   mesh_a, mesh_b = sharding.make_mesh(fsdp=2, expert=4), sharding.make_mesh(data=2, expert=2,
                                                                              tensor=2)
   model = llama.create(cfg, seed=1, mesh=mesh_a)
-  opt = loop.make_optimizer(model, opt_cfg, mesh_a)
+  opt = step.make_optimizer(model, opt_cfg, mesh_a)
   nnx.update(opt, jax.tree.map(lambda x: x + 1, nnx.state(opt)))  # non-zero moments
   want = _pure(nnx.state((model, opt)))
   checkpoint.save(str(tmp_path / "model"), model)
@@ -165,7 +165,7 @@ def test_stacked_layers_on_a_mesh_match_one_device_and_save_per_layer(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
                layer_stack.unstack_tree(_pure(grads)), _pure(grads1))
 
-  opt = loop.make_optimizer(stacked, opt_cfg, mesh)
+  opt = step.make_optimizer(stacked, opt_cfg, mesh)
   nnx.update(opt, jax.tree.map(lambda x: x + 1, nnx.state(opt)))  # non-zero moments
   want = layer_stack.unstack_tree(_pure(nnx.state((stacked, opt))))
   docs = [np.arange(40, dtype=np.int32) % 64] * 4

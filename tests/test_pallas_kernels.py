@@ -260,3 +260,33 @@ def test_check_kernels_lowers_for_tpu_and_cuda():
   for platform in ("tpu", "cuda"):
     assert {line.split()[0] for line in lines if line.split()[1] == platform} == names
   assert all(line.split()[2:] == ["ok"] for line in lines), proc.stdout
+
+
+def test_triton_tiling_may_name_warps_and_stages():
+  rng = np.random.default_rng(0)
+  lhs, rhs = jnp.asarray(rng.normal(size=(20, 8)), jnp.float32), jnp.asarray(
+      rng.normal(size=(3, 8, 8)), jnp.float32)
+  gs = jnp.asarray([7, 0, 13], jnp.int32)
+  want = gmm_ops.gmm(lhs, rhs, gs, target_lib.INTERPRET, (8, 8, 8))
+  got = gmm_ops.gmm(lhs, rhs, gs, target_lib.INTERPRET, (8, 8, 8, 8, 3))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(gmm_ops.gmm(lhs, rhs, gs, MOSAIC, (8, 8, 8, 8, 3))),
+                                np.asarray(gmm_ops.gmm(lhs, rhs, gs, MOSAIC, (8, 8, 8))))
+  with pytest.raises(ValueError, match=r"tiling=\(8, 8\)"):
+    gmm_ops.gmm(lhs, rhs, gs, target_lib.INTERPRET, (8, 8))
+
+
+def test_run_check_passes_the_kernels_and_catches_a_wrong_one(monkeypatch):
+  """check_kernels --run's checks (run on a GPU/TPU for real): within bounds here, and a
+  kernel that drops one group's rows is reported far outside them."""
+  from pallas_kernels import run_check  # pylint: disable=g-import-not-at-top
+  sizes = run_check.Sizes(t=40, d=16, f=8, e=4, k=2)
+  errs = run_check.run_all(sizes, "float32")
+  assert {"gmm", "gmm d/d rhs (tgmm)", "permute d/d x", "router softmax_topk",
+          "layer grads"} <= set(errs)
+  assert max(errs.values()) < 1e-5, errs
+  real = gmm_ops.gmm
+  broken = lambda l, r, gs, *a: real(l, r, gs.at[-1].set(0), *a)  # the last group unwritten
+  monkeypatch.setattr(gmm_ops, "gmm", broken)
+  errs = run_check.check_gmm(jax.random.key(1), sizes, jnp.float32)
+  assert errs["gmm"] > 0.1, errs

@@ -100,7 +100,7 @@ def test_router_biases_update_the_same_stacked_or_per_layer():
   for stack in (False, True):
     model = llama.create(cfg, seed=4)
     model = layer_stack.stack_layers(model) if stack else model
-    opt = loop.make_optimizer(model, optim.OptimConfig(lr=1e-2, total_steps=2, warmup_steps=1))
+    opt = step.make_optimizer(model, optim.OptimConfig(lr=1e-2, total_steps=2, warmup_steps=1))
     step.train_step(model, opt, batch, jax.random.key(0), jnp.float32(1e-2))
     after.append(_pure(layer_stack.unstack_layers(model)))
   biases = [np.stack([t["layers"][i]["mlp"]["router_bias"] for i in range(4)]) for t in after]

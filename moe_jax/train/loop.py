@@ -169,14 +169,6 @@ def _in_mesh(mesh):
   return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
-def make_optimizer(model, opt: optim.OptimConfig, mesh=None) -> nnx.Optimizer:
-  """AdamW state for `model`'s params, created sharded like the params over `mesh`."""
-  tx = optim.make_tx(opt)  # one object per update rule: train_step compiles once for it
-  if mesh is None:
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
-  return sharding.init_sharded(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param), mesh, model)
-
-
 def evaluate_batches(model, batches: Iterable[dict], mesh, global_rows: int | None = None
                      ) -> dict[str, float]:
   """Mean held-out loss over the batches' unmasked tokens, and their count."""
@@ -239,7 +231,7 @@ def train(model, train_docs: list[np.ndarray], eval_docs: list[np.ndarray],
   if mesh is not None:
     sharding.check_batch(loop.batch_size // loop.grad_accum, mesh)  # a microbatch's rows
     nnx.update(model, sharding.place_state(nnx.state(model), mesh))  # no-op if already there
-  optimizer = make_optimizer(model, opt, mesh)
+  optimizer = step_lib.make_optimizer(model, opt, mesh)
   shard, count = sharding.data_shard(mesh, loop.batch_size) if mesh is not None else (0, 1)
   data_iter = iter(pipeline.packed_dataset(train_docs, loop.seq_len, loop.batch_size, loop.seed,
                                            shard_index=shard, shard_count=count))

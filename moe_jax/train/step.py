@@ -8,6 +8,7 @@ from flax import nnx
 
 from moe_jax import sharding
 from moe_jax.moe import losses
+from moe_jax.train import optim
 
 
 def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
@@ -43,6 +44,14 @@ def update_router_biases(model, moe_stats: dict) -> None:
             else jnp.stack([moe_stats[i]["load_E"] for i in ids]))
     mlp.router_bias[...] = update_router_bias(mlp.router_bias[...], load,
                                               mlp.cfg.bias_update_rate)
+
+
+def make_optimizer(model, opt: optim.OptimConfig, mesh=None) -> nnx.Optimizer:
+  """AdamW state for `model`'s params, created sharded like the params over `mesh`."""
+  tx = optim.make_tx(opt)  # one object per update rule: train_step compiles once for it
+  if mesh is None:
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return sharding.init_sharded(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param), mesh, model)
 
 
 def all_finite(tree) -> jax.Array:

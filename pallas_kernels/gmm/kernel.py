@@ -114,29 +114,40 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, bm, bk, bn
               mask=kmask[:, None] & cmask[None, :])
 
 
+def _triton_tiling(target, tiling, m, k, n) -> tuple[int, int, int, int, int]:
+  """(bm, bk, bn, num_warps, num_stages): a Triton tiling may name the last two."""
+  tiling = tuple(tiling or default_tiling(target, m, k, n))
+  if len(tiling) not in (3, 5):
+    raise ValueError(f"tiling={tiling}: expected (bm, bk, bn) or (bm, bk, bn, num_warps, "
+                     "num_stages)")
+  return tiling + (4, 1)[len(tiling) - 3:]
+
+
 def _triton_gmm(target, lhs, rhs, group_sizes, out_dtype, tiling, transpose_rhs):
   m, k = lhs.shape
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  bm, bk, bn = tiling or default_tiling(target, m, k, n)
+  bm, bk, bn, warps, stages = _triton_tiling(target, tiling, m, k, n)
   tm = tile_map(group_sizes, m, bm)
   kernel = functools.partial(_gmm_kernel, bm=bm, bk=bk, bn=bn, k=k, n=n,
                              transpose_rhs=transpose_rhs)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       grid=(tm.group_P.shape[0], pl.cdiv(n, bn)),
-      compiler_params=compiler_params(target, ()), interpret=target.interpret, name="gmm",
+      compiler_params=compiler_params(target, (), warps, stages), interpret=target.interpret,
+      name="gmm",
   )(*tm, lhs, rhs)
 
 
 def _triton_tgmm(target, lhs, dout, group_sizes, out_dtype, tiling):
   (m, k), n, g = lhs.shape, dout.shape[1], group_sizes.shape[0]
-  bm, bk, bn = tiling or default_tiling(target, m, k, n)
+  bm, bk, bn, warps, stages = _triton_tiling(target, tiling, m, k, n)
   tm = tile_map(group_sizes, m, bm)
   kernel = functools.partial(_tgmm_kernel, bm=bm, bk=bk, bn=bn, k=k, n=n)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
       grid=(g, pl.cdiv(k, bk), pl.cdiv(n, bn)),
-      compiler_params=compiler_params(target, ()), interpret=target.interpret, name="tgmm",
+      compiler_params=compiler_params(target, (), warps, stages), interpret=target.interpret,
+      name="tgmm",
   )(tm.starts_G, tm.ends_G, lhs, dout)
 
 
@@ -147,7 +158,8 @@ def _pad_rows(a, bm):
 def gmm(target: Target, lhs_MxK, rhs_GxKxN, group_sizes_G, *, transpose_rhs: bool = False,
         out_dtype=None, tiling: tuple[int, int, int] | None = None):
   """out[rows of group g] = lhs[rows of group g] @ rhs[g] (rhs[g].T if transpose_rhs).
-  The groups tile rows [0, sum(group_sizes)); rows past them are unspecified."""
+  The groups tile rows [0, sum(group_sizes)); rows past them are unspecified. tiling:
+  (bm, bk, bn), or on Triton (bm, bk, bn, num_warps, num_stages); None: default_tiling."""
   out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
   group_sizes_G = group_sizes_G.astype(jnp.int32)
   if target.variant == "triton":
@@ -155,7 +167,7 @@ def gmm(target: Target, lhs_MxK, rhs_GxKxN, group_sizes_G, *, transpose_rhs: boo
                        transpose_rhs)
   m, k = lhs_MxK.shape
   n = rhs_GxKxN.shape[1] if transpose_rhs else rhs_GxKxN.shape[2]
-  tiling = tiling or default_tiling(target, m, k, n)
+  tiling = tuple(tiling or default_tiling(target, m, k, n))[:3]
   out = _megablox().gmm(_pad_rows(lhs_MxK, tiling[0]), rhs_GxKxN, group_sizes_G, out_dtype,
                         tiling, transpose_rhs=transpose_rhs, interpret=target.interpret)
   return out[:m]
@@ -169,7 +181,7 @@ def tgmm(target: Target, lhs_MxK, dout_MxN, group_sizes_G, *, out_dtype=None,
   if target.variant == "triton":
     return _triton_tgmm(target, lhs_MxK, dout_MxN, group_sizes_G, out_dtype, tiling)
   (m, k), n = lhs_MxK.shape, dout_MxN.shape[1]
-  tiling = tiling or default_tiling(target, m, k, n)
+  tiling = tuple(tiling or default_tiling(target, m, k, n))[:3]
   return _megablox().tgmm(_pad_rows(lhs_MxK, tiling[0]).T, _pad_rows(dout_MxN, tiling[0]),
                           group_sizes_G, out_dtype, tiling,
                           num_actual_groups=group_sizes_G.shape[0], interpret=target.interpret)
