@@ -5,7 +5,8 @@
 #   bash experiments/accelerator_checks.sh OUTDIR [STEPS]
 #
 # STEPS: a comma-separated subset of env,kernels,layer,train_small,train_1b (default all).
-# Each step runs under its own time limit and writes OUTDIR/<step>.log (and .json where
+# Backends run pallas last, so a kernel that fails still leaves the XLA figures. Each step
+# runs under its own time limit and writes OUTDIR/<step>.log (and .json where
 # the binary writes one); a failed step does not stop the next. The last lines printed
 # are every step's summary lines and exit status.
 set -u
@@ -33,10 +34,10 @@ step kernels 100 bash -c "$PY -m experiments.check_kernels --run --dtypes=float3
 # The layer against a dense SwiGLU of equal active FLOPs, the issue's two shapes at GPU size;
 # the grouped matmul against ragged_dot and a dense matmul, at several Triton tilings.
 step layer 120 $PY -m experiments.bench_moe --T=32768 --d=2048 --shapes=8:1024:2,64:128:8 \
-  --dtype=bfloat16 --backend=pallas,dropless,capacity --repeats=5 --gmm \
+  --dtype=bfloat16 --backend=dropless,capacity,pallas --repeats=5 --gmm \
   --gmm_tilings=64:64:64:4:3,128:64:128:8:3,128:128:128:8:3
 step train_small 130 $PY -m experiments.bench_train --model=smollm2-135m --experts=0,8 \
-  --backend=pallas,dropless --B=16 --L=2048 --json="$OUT/train_small.json"
+  --backend=dropless,pallas --B=16 --L=2048 --json="$OUT/train_small.json"
 step train_1b 150 bash -c "$PY -m experiments.bench_train --model=llama-1b --experts=0 --B=8 --L=2048 --json=$OUT/train_1b_dense.json && $PY -m experiments.bench_train --model=llama-1b --experts=8 --backend=pallas --remat=full --B=8 --L=2048 --json=$OUT/train_1b_moe.json"
 
 echo "=== summary"

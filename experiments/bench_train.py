@@ -8,7 +8,7 @@ For each expert count of --experts (0 = the dense model) and, for MoEs, each bac
 shapes; MoEs copy-upcycled in every layer, top --topk) and times the train step of
 experiments.train on random tokens (moe_jax.bench.bench_train). Prints one `summary` line
 per model with tokens/s, model TFLOP/s and MFU (against the device's dense bf16 peak);
---json writes every figure.
+--json writes every figure, rewritten after each model.
 """
 import json
 
@@ -46,14 +46,14 @@ def main(argv):
       rows.append({"model": _MODEL.value, "experts": e, "top_k": _TOPK.value if e else 0,
                    "backend": backend, "dtype": _DTYPE.value, "param_dtype": _PARAM_DTYPE.value,
                    "remat": _REMAT.value, "scan_layers": _SCAN.value, **r})
+      if _JSON.value:  # after every model: a later one that fails leaves these
+        with open(_JSON.value, "w") as fh:
+          json.dump(rows, fh, indent=1)
   for r in rows:
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
     print(f"summary model={r['model']} experts={r['experts']} backend={r['backend']} "
           f"tokens_per_s={r['tokens_per_s']:.0f} model_tflops_per_s="
           f"{r['model_tflops_per_s']:.1f} mfu={mfu} step_ms={r['step_s'] * 1e3:.1f}")
-  if _JSON.value:
-    with open(_JSON.value, "w") as fh:
-      json.dump(rows, fh, indent=1)
 
 
 if __name__ == "__main__":
