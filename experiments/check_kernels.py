@@ -7,7 +7,7 @@
 Lowering (jax.export needs no accelerator) prints `<kernel> <platform> ok` or the error,
 one line each. --run runs every kernel, forward and backward, on this machine's platform
 (the real Triton/Mosaic kernels on a GPU/TPU, the interpreter on CPU) against plain-jnp
-references (pallas_kernels/run_check.py) and prints each relative error against its
+references (pallas_kernels/kernel_check.py) and prints each relative error against its
 dtype's bound. The exit status is 1 if anything failed.
 """
 import sys
@@ -17,7 +17,7 @@ from absl import app, flags
 
 from experiments import cli
 
-from pallas_kernels import export_check, run_check
+from moe_jax.moe import kernel_check, kernel_export
 
 _PLATFORMS = flags.DEFINE_list("platforms", ["tpu", "cuda"], "Platforms to lower for.")
 _RUN = flags.DEFINE_bool("run", False, "Run the kernels here instead of lowering them.")
@@ -31,13 +31,13 @@ _K = flags.DEFINE_integer("k", 2, "--run: experts per token.")
 
 
 def run() -> bool:
-  sizes = run_check.Sizes(_T.value, _D.value, _F.value, _E.value, _K.value)
+  sizes = kernel_check.Sizes(_T.value, _D.value, _F.value, _E.value, _K.value)
   print(f"platform={jax.default_backend()} device={jax.devices()[0].device_kind} {sizes}")
   ok = True
   for dtype in _DTYPES.value:
-    bound = run_check.TOLERANCE[dtype]
+    bound = kernel_check.TOLERANCE[dtype]
     for seed in range(_SEEDS.value):
-      for name, err in run_check.run_all(sizes, dtype, seed).items():
+      for name, err in kernel_check.run_all(sizes, dtype, seed).items():
         ok &= err <= bound
         print(f"{dtype} seed={seed} {name:<30} rel_err={err:.2e} "
               f"{'ok' if err <= bound else f'FAIL (bound {bound:.0e})'}", flush=True)
@@ -47,18 +47,18 @@ def run() -> bool:
 def main(argv):
   del argv
   if _RUN.value:
-    unknown = sorted(set(_DTYPES.value) - set(run_check.TOLERANCE))
+    unknown = sorted(set(_DTYPES.value) - set(kernel_check.TOLERANCE))
     if unknown:
       print(f"error: --dtypes: unknown {unknown}; expected some of "
-            f"{sorted(run_check.TOLERANCE)}", file=sys.stderr)
+            f"{sorted(kernel_check.TOLERANCE)}", file=sys.stderr)
       sys.exit(1)
     sys.exit(0 if run() else 1)
-  unknown = sorted(set(_PLATFORMS.value) - set(export_check.KERNEL_CALL))
+  unknown = sorted(set(_PLATFORMS.value) - set(kernel_export.KERNEL_CALL))
   if unknown:
     print(f"error: --platforms: unknown {unknown}; expected some of "
-          f"{sorted(export_check.KERNEL_CALL)}", file=sys.stderr)
+          f"{sorted(kernel_export.KERNEL_CALL)}", file=sys.stderr)
     sys.exit(1)
-  sys.exit(0 if export_check.check_all(_PLATFORMS.value) else 1)
+  sys.exit(0 if kernel_export.check_all(_PLATFORMS.value) else 1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from hypothesis import example, given, settings, strategies as st
 import subproc
 from moe_jax.config import ModelConfig
 from moe_jax.models import llama
-from moe_jax.moe import dispatch, layer, routers
+from moe_jax.moe import dispatch, kernel_check, layer, routers
 from moe_jax.moe.config import MoeConfig
 from moe_jax.train import optim, step
 from pallas_kernels import target as target_lib
@@ -279,14 +279,13 @@ def test_triton_tiling_may_name_warps_and_stages():
 def test_run_check_passes_the_kernels_and_catches_a_wrong_one(monkeypatch):
   """check_kernels --run's checks (run on a GPU/TPU for real): within bounds here, and a
   kernel that drops one group's rows is reported far outside them."""
-  from pallas_kernels import run_check  # pylint: disable=g-import-not-at-top
-  sizes = run_check.Sizes(t=40, d=16, f=8, e=4, k=2)
-  errs = run_check.run_all(sizes, "float32")
+  sizes = kernel_check.Sizes(t=40, d=16, f=8, e=4, k=2)
+  errs = kernel_check.run_all(sizes, "float32")
   assert {"gmm", "gmm d/d rhs (tgmm)", "permute d/d x", "router softmax_topk",
           "layer grads"} <= set(errs)
   assert max(errs.values()) < 1e-5, errs
   real = gmm_ops.gmm
   broken = lambda l, r, gs, *a: real(l, r, gs.at[-1].set(0), *a)  # the last group unwritten
   monkeypatch.setattr(gmm_ops, "gmm", broken)
-  errs = run_check.check_gmm(jax.random.key(1), sizes, jnp.float32)
+  errs = kernel_check.check_gmm(jax.random.key(1), sizes, jnp.float32)
   assert errs["gmm"] > 0.1, errs

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe import layer
+from moe_jax.moe.config import MoeConfig
 from pallas_kernels.gmm import ops as gmm_ops
 from pallas_kernels.permute import ops as permute_ops
 from pallas_kernels.router import kernel as router_kernel, ops as router_ops
@@ -45,8 +47,6 @@ def _router_cases() -> dict:
 
 
 def _moe_cases(dtype) -> dict:
-  from moe_jax.moe import layer  # pylint: disable=g-import-not-at-top
-  from moe_jax.moe.config import MoeConfig  # pylint: disable=g-import-not-at-top
   cfg = MoeConfig(num_experts=E, top_k=K, expert_dim=F, backend="pallas")
   fn = lambda x, r, wg, wu, wd: layer.moe_forward(x, r, wg, wu, wd, cfg, dtype=dtype)
   s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)

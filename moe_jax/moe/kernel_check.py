@@ -1,4 +1,4 @@
-"""Run every Pallas kernel on this machine's platform against plain-jnp references,
+"""Run every Pallas kernel (pallas_kernels/) on this machine's platform against plain-jnp references,
 forward and backward: the check behind `experiments/check_kernels.py --run`.
 
 The ops are called with `target=None`, so a GPU runs the Triton kernels, a TPU the Mosaic
@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.moe import layer, routers
+from moe_jax.moe.config import MoeConfig
 from pallas_kernels.gmm import ops as gmm_ops
 from pallas_kernels.permute import ops as permute_ops
 from pallas_kernels.router import ops as router_ops
@@ -97,8 +99,6 @@ def check_permute(key, s: Sizes, dtype) -> dict[str, float]:
 def check_router(key, s: Sizes) -> dict[str, float]:
   """Both routing orders: the same experts and counts, and equal weights, probabilities
   and logit gradients (float32 logits, as the layer routes)."""
-  from moe_jax.moe import routers  # pylint: disable=g-import-not-at-top
-  from moe_jax.moe.config import MoeConfig  # pylint: disable=g-import-not-at-top
   kl, kd = jax.random.split(key)
   logits = jax.random.normal(kl, (s.t, s.e)) * 2
   dw = jax.random.normal(kd, (s.t, s.k))
@@ -122,8 +122,6 @@ def check_router(key, s: Sizes) -> dict[str, float]:
 
 def check_layer(key, s: Sizes, dtype) -> dict[str, float]:
   """The routed layer, backend pallas against dropless: output and every input's gradient."""
-  from moe_jax.moe import layer  # pylint: disable=g-import-not-at-top
-  from moe_jax.moe.config import MoeConfig  # pylint: disable=g-import-not-at-top
   kp = jax.random.split(key, 5)
   params = (jax.random.normal(kp[0], (s.d, s.e)) * 0.3,
             *((jax.random.normal(kp[i], sh) * sh[-2] ** -0.5).astype(dtype)
