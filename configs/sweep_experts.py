@@ -11,7 +11,7 @@ def get_config(arg=None):
 
 
 def sweep(arg=None):
-  runlocal = "runlocal" in (arg or "")
+  runlocal = train.args(arg).runlocal
   yield {"upcycle.method": "none"}
   for e in ((2, 4) if runlocal else (2, 4, 8, 16, 32, 64)):
     yield {"upcycle.method": "copy", "upcycle.num_experts": e, "upcycle.top_k": min(2, e)}

@@ -13,6 +13,6 @@ def get_config(arg=None):
 
 
 def sweep(arg=None):
-  runlocal = "runlocal" in (arg or "")
+  runlocal = train.args(arg).runlocal
   for g in ((1, 2) if runlocal else (1, 2, 4, 8)):
     yield {"upcycle.granularity": g, "upcycle.num_experts": 4 * g, "upcycle.top_k": g}

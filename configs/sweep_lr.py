@@ -10,6 +10,6 @@ def get_config(arg=None):
 
 
 def sweep(arg=None):
-  runlocal = "runlocal" in (arg or "")
+  runlocal = train.args(arg).runlocal
   for lr in ((1e-4, 1e-3) if runlocal else (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)):
     yield {"optim.lr": lr}

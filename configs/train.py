@@ -14,9 +14,14 @@ import ml_collections
 from moe_jax.config_util import parse_arg
 
 
+def args(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The config arguments (module docstring), parsed: shared with the sweep configs."""
+  return parse_arg(arg, method="copy", experts=8, topk=2, granularity=1, router="topk_softmax",
+                   lr=1e-4, steps=200, runlocal=False, scratch=False)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, method="copy", experts=8, topk=2, granularity=1, router="topk_softmax",
-                lr=1e-4, steps=200, runlocal=False, scratch=False)
+  a = args(arg)
   c = ml_collections.ConfigDict()
   c.init = "scratch" if a.scratch else ""
   # init=scratch: the model's shape, and its vocabulary: '' = the embedded model's (49152

@@ -70,6 +70,9 @@ def expert_choice(logits_TxE, cfg, bias_E=None) -> Routing:
 
 ROUTERS = {"topk_softmax": topk_softmax, "softmax_topk": softmax_topk,
            "sigmoid_bias": sigmoid_bias, "expert_choice": expert_choice}
+# Each token picks its own experts: what a causal decoder can route with (expert_choice
+# lets an expert pick among all of a batch's tokens, later ones included).
+TOKEN_CHOICE = ("topk_softmax", "softmax_topk", "sigmoid_bias")
 
 
 def route(logits_TxE: jax.Array, cfg, *, bias_E: jax.Array | None = None) -> Routing:

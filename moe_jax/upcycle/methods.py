@@ -27,10 +27,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from moe_jax.moe import routers
 from moe_jax.stacked import ExpertStack
 from moe_jax.upcycle import router_init
 
-ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid_bias")
+ROUTERS = routers.TOKEN_CHOICE  # an upcycled decoder routes token by token
 PARTITIONS = ("random", "kmeans")
 
 
