@@ -7,12 +7,6 @@ compile. It also checks that both produce the same tokens, on the dense model an
 8-expert top-2 copy upcycle of every layer (`--check_tokens` of them). It prints
 `speedup=<uncached time / cached time>` (the target: at least 10).
 """
-import datetime
-import os
-import platform
-import sys
-
-import jax
 from absl import app, flags
 
 from experiments import cli
@@ -32,9 +26,7 @@ def main(argv):
   result = bench.bench_generate(_NEW.value, _CHECK.value, _PROMPT.value, _REPEATS.value,
                                 _EXPERTS.value)
   if _OUT.value:
-    result.update(command="python -m experiments.bench_generate " + " ".join(sys.argv[1:]),
-                  machine=f"{platform.machine()}, {os.cpu_count()} cores", jax=jax.__version__,
-                  date=datetime.date.today().isoformat())
+    result.update(bench.provenance("experiments.bench_generate"))
     cli.main_guard(checkpoint.write_json_atomic, _OUT.value, result)
 
 

@@ -8,13 +8,14 @@ backend of --backend; the dense FFN has
 width k*f. The MoE (router included) and the dense FFN alternate in one process after
 warm-up, and each pair prints `ratio=<median MoE time / median dense time>`; the last
 lines are one `summary` line per pair. With --gmm, also the grouped-matmul TFLOP/s of the
-Pallas gmm, jax.lax.ragged_dot and a dense matmul at each shape.
+Pallas gmm, jax.lax.ragged_dot and a dense matmul at each shape. --out writes every
+figure as JSON (rewritten after each measurement).
 """
 from absl import app, flags
 
 from experiments import cli
 
-from moe_jax import bench
+from moe_jax import bench, checkpoint
 
 _T = flags.DEFINE_integer("T", 8192, "Tokens.")
 _D = flags.DEFINE_integer("d", 512, "Model width.")
@@ -31,6 +32,7 @@ _ROUTER = flags.DEFINE_string("router", "topk_softmax", "Router.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions of each.")
 _GMM = flags.DEFINE_bool("gmm", False, "Also report TFLOP/s of one grouped matmul (T*k rows, "
                          "d -> f): Pallas gmm vs jax.lax.ragged_dot vs dense.")
+_OUT = flags.DEFINE_string("out", "", "Also write the figures as JSON to this path.")
 _TILINGS = flags.DEFINE_list("gmm_tilings", [], "--gmm: also time the Pallas gmm at these "
                              "tilings, bm:bk:bn or bm:bk:bn:num_warps:num_stages (Triton).")
 
@@ -56,17 +58,23 @@ def main(argv):
   shapes = [_shape(s) for s in _SHAPES.value]
   if any(v is not None for v in (_E.value, _F.value, _K.value)):
     shapes = [(_E.value or 8, _F.value or 1024, _K.value or 2)]
-  ratios = {}
+  result = {**bench.provenance("experiments.bench_moe"), "layer": [], "gmm": []}
+
+  def record(kind, figures):
+    result[kind].append(figures)
+    if _OUT.value:  # a later measurement that fails leaves these
+      cli.main_guard(checkpoint.write_json_atomic, _OUT.value, result)
+
   for e, f, k in shapes:
     for backend in _BACKEND.value:
-      ratios[(e, f, k, backend)] = bench.bench_moe(
-          _T.value, _D.value, f, e, k, _DTYPE.value, backend, _CF.value, _ROUTER.value,
-          _REPEATS.value)
+      record("layer", bench.bench_moe(_T.value, _D.value, f, e, k, _DTYPE.value, backend,
+                                      _CF.value, _ROUTER.value, _REPEATS.value))
     if _GMM.value:
-      bench.bench_gmm(_T.value * k, _D.value, f, e, _DTYPE.value, _REPEATS.value,
-                      (None, *(_tiling(t) for t in _TILINGS.value)))
-  for (e, f, k, backend), ratio in ratios.items():
-    print(f"summary E={e} f={f} k={k} backend={backend} moe_over_dense={ratio:.3f}")
+      record("gmm", bench.bench_gmm(_T.value * k, _D.value, f, e, _DTYPE.value, _REPEATS.value,
+                                    (None, *(_tiling(t) for t in _TILINGS.value))))
+  for r in result["layer"]:
+    print(f"summary E={r['E']} f={r['f']} k={r['k']} backend={r['backend']} "
+          f"moe_over_dense={r['ratio']:.3f}")
 
 
 if __name__ == "__main__":

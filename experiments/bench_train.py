@@ -8,14 +8,12 @@ For each expert count of --experts (0 = the dense model) and, for MoEs, each bac
 shapes; MoEs copy-upcycled in every layer, top --topk) and times the train step of
 experiments.train on random tokens (moe_jax.bench.bench_train). Prints one `summary` line
 per model with tokens/s, model TFLOP/s and MFU (against the device's dense bf16 peak);
---json writes every figure, rewritten after each model.
+--out writes every figure as JSON, rewritten after each model.
 """
-import json
-
 from absl import app, flags
 
 from experiments import cli
-from moe_jax import bench
+from moe_jax import bench, checkpoint
 
 _MODEL = flags.DEFINE_enum("model", "smollm2-135m", sorted(bench.SHAPES), "Model shape.")
 _EXPERTS = flags.DEFINE_list("experts", ["0", "8"], "Expert counts (0: dense).")
@@ -30,12 +28,13 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "save_dots"], "Remat policy.")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Layers stored stacked, one scan.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (two rounds, the best).")
-_JSON = flags.DEFINE_string("json", "", "Write every figure to this JSON file.")
+_OUT = flags.DEFINE_string("out", "", "Also write the figures as JSON to this path.")
 
 
 def main(argv):
   del argv
-  rows = []
+  result = {**bench.provenance("experiments.bench_train"), "runs": []}
+  rows = result["runs"]
   for e in (int(x) for x in _EXPERTS.value):
     for backend in _BACKEND.value if e else ["-"]:
       moe = {"backend": backend} if e else {}
@@ -46,9 +45,8 @@ def main(argv):
       rows.append({"model": _MODEL.value, "experts": e, "top_k": _TOPK.value if e else 0,
                    "backend": backend, "dtype": _DTYPE.value, "param_dtype": _PARAM_DTYPE.value,
                    "remat": _REMAT.value, "scan_layers": _SCAN.value, **r})
-      if _JSON.value:  # after every model: a later one that fails leaves these
-        with open(_JSON.value, "w") as fh:
-          json.dump(rows, fh, indent=1)
+      if _OUT.value:  # after every model: a later one that fails leaves these
+        cli.main_guard(checkpoint.write_json_atomic, _OUT.value, result)
   for r in rows:
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
     print(f"summary model={r['model']} experts={r['experts']} backend={r['backend']} "

@@ -8,7 +8,7 @@ Lowering (jax.export needs no accelerator) prints `<kernel> <platform> ok` or th
 one line each. --run runs every kernel, forward and backward, on this machine's platform
 (the real Triton/Mosaic kernels on a GPU/TPU, the interpreter on CPU) against plain-jnp
 references (pallas_kernels/kernel_check.py) and prints each relative error against its
-dtype's bound. The exit status is 1 if anything failed.
+dtype's bound; --out also writes them as JSON. The exit status is 1 if anything failed.
 """
 import sys
 
@@ -17,6 +17,7 @@ from absl import app, flags
 
 from experiments import cli
 
+from moe_jax import bench, checkpoint
 from moe_jax.moe import kernel_check, kernel_export
 
 _PLATFORMS = flags.DEFINE_list("platforms", ["tpu", "cuda"], "Platforms to lower for.")
@@ -28,20 +29,30 @@ _D = flags.DEFINE_integer("d", 32, "--run: model width.")
 _F = flags.DEFINE_integer("f", 24, "--run: expert width.")
 _E = flags.DEFINE_integer("E", 4, "--run: experts.")
 _K = flags.DEFINE_integer("k", 2, "--run: experts per token.")
+_OUT = flags.DEFINE_string("out", "", "--run: also write the errors as JSON to this path.")
 
 
 def run() -> bool:
   sizes = kernel_check.Sizes(_T.value, _D.value, _F.value, _E.value, _K.value)
   print(f"platform={jax.default_backend()} device={jax.devices()[0].device_kind} {sizes}")
-  ok = True
+  result = {**bench.provenance("experiments.check_kernels"), "platform": jax.default_backend(),
+            "sizes": vars(sizes), "checks": []}
   for dtype in _DTYPES.value:
     bound = kernel_check.TOLERANCE[dtype]
     for seed in range(_SEEDS.value):
-      for name, err in kernel_check.run_all(sizes, dtype, seed).items():
-        ok &= err <= bound
+      errors = {}
+      for name, err in kernel_check.run_all(sizes, dtype, seed, errors).items():
+        result["checks"].append({"dtype": dtype, "seed": seed, "check": name, "rel_err": err,
+                                 "bound": bound, "ok": err <= bound})
         print(f"{dtype} seed={seed} {name:<30} rel_err={err:.2e} "
               f"{'ok' if err <= bound else f'FAIL (bound {bound:.0e})'}", flush=True)
-  return ok
+      for name, err in errors.items():
+        result["checks"].append({"dtype": dtype, "seed": seed, "check": name, "error": err,
+                                 "bound": bound, "ok": False})
+        print(f"{dtype} seed={seed} {name:<30} FAIL {err}", flush=True)
+  if _OUT.value:
+    cli.main_guard(checkpoint.write_json_atomic, _OUT.value, result)
+  return all(c["ok"] for c in result["checks"])
 
 
 def main(argv):

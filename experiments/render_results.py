@@ -3,7 +3,8 @@
   python -m experiments.render_results
 
 Each table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->`, and is
-rendered from docs/results/NAME.json by RENDERERS[NAME].
+rendered from docs/results/NAME.json by RENDERERS[NAME], or for the benchmark binaries'
+--out files by the renderer of NAME's prefix (PREFIXES: kernels_*, layer_*, train_*).
 """
 import json
 import os
@@ -43,14 +44,72 @@ def harness_smollm2(r: dict) -> str:
       f"log-likelihood difference, dense vs upcycled: {r['max_abs_loglik_diff_dense_vs_upcycled']:.2e}."])
 
 
+def _source(r: dict) -> str:
+  return f"`{r['command']}` ({r['machine']}, {r['device']}, jax {r['jax']}, {r['date']})"
+
+
+def kernels(r: dict) -> str:
+  """experiments.check_kernels --run --out: each check's relative error against its bound."""
+  s = r["sizes"]
+  rows = ["| dtype | seed | check | relative error | bound | |", "|---|---|---|---|---|---|"]
+  for c in r["checks"]:
+    err = f"{c['rel_err']:.2e}" if "rel_err" in c else c["error"]
+    rows.append(f"| {c['dtype']} | {c['seed']} | {c['check']} | {err} | {c['bound']:.0e} | "
+                f"{'ok' if c['ok'] else '**FAIL**'} |")
+  return "\n".join([f"{_source(r)}; platform {r['platform']}; T={s['t']} d={s['d']} "
+                    f"f={s['f']} E={s['e']} k={s['k']}", "", *rows])
+
+
+def layer(r: dict) -> str:
+  """experiments.bench_moe --out: the layer against dense, and the grouped matmul."""
+  rows = ["| E | f | k | backend | MoE fwd+bwd s | dense fwd+bwd s | MoE / dense |",
+          "|---|---|---|---|---|---|---|"]
+  rows += [f"| {x['E']} | {x['f']} | {x['k']} | {x['backend']} | {x['moe_s']:.5f} | "
+           f"{x['dense_s']:.5f} | {x['ratio']:.3f} |" for x in r["layer"]]
+  if r["gmm"]:
+    names = list(r["gmm"][0]["tflops"])
+    rows += ["", "| grouped matmul (rows, d -> f, groups) | " + " | ".join(
+        f"{n} TFLOP/s" for n in names) + " |", "|---|" + "---|" * len(names)]
+    rows += [f"| {g['m']}, {g['k']} -> {g['n']}, {g['groups']} | " + " | ".join(
+        f"{g['tflops'][n]:.1f}" for n in names) + " |" for g in r["gmm"]]
+  t, d, dtype = r["layer"][0]["T"], r["layer"][0]["d"], r["layer"][0]["dtype"]
+  return "\n".join([f"{_source(r)}; T={t} d={d} {dtype}", "", *rows])
+
+
+def train(r: dict) -> str:
+  """experiments.bench_train --out: training throughput and MFU."""
+  rows = ["| model | experts | backend | params (active) | batch | remat | step ms | tokens/s "
+          "| model TFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for x in r["runs"]:
+    mfu = "n/a" if x["mfu"] is None else f"{x['mfu']:.3f}"
+    experts = f"{x['experts']} top-{x['top_k']}" if x["experts"] else "dense"
+    rows.append(f"| {x['model']} | {experts} | {x['backend']} | {x['params'] / 1e6:.0f}M "
+                f"({x['active_params'] / 1e6:.0f}M) | {x['batch']}x{x['length']} | "
+                f"{x['remat']} | {x['step_s'] * 1e3:.1f} | {x['tokens_per_s']:.0f} | "
+                f"{x['model_tflops_per_s']:.1f} | {mfu} |")
+  return "\n".join([f"{_source(r)}; compute {r['runs'][0]['dtype']}, params "
+                    f"{r['runs'][0]['param_dtype']}", "", *rows])
+
+
 RENDERERS = {"generate_smollm2": generate_smollm2, "harness_smollm2": harness_smollm2}
+PREFIXES = {"kernels_": kernels, "layer_": layer, "train_": train}
+
+
+def renderer(name: str):
+  if name in RENDERERS:
+    return RENDERERS[name]
+  for prefix, fn in PREFIXES.items():
+    if name.startswith(prefix):
+      return fn
+  raise ValueError(f"docs/benchmarks.md: results:{name}: no renderer; expected one of "
+                   f"{sorted(RENDERERS)} or a name starting with one of {sorted(PREFIXES)}")
 
 
 def main() -> int:
   doc = open(DOC, encoding="utf-8").read()
   for name in re.findall(r"<!-- results:(\w+) -->", doc):
     with open(os.path.join(ROOT, "docs", "results", f"{name}.json"), encoding="utf-8") as f:
-      table = RENDERERS[name](json.load(f))
+      table = renderer(name)(json.load(f))
     doc = re.sub(rf"(<!-- results:{name} -->\n)(.*?\n)?(<!-- /results:{name} -->)",
                  lambda m: m.group(1) + table + "\n" + m.group(3), doc, flags=re.S)
   with open(DOC + ".tmp", "w", encoding="utf-8") as f:

@@ -1,6 +1,10 @@
 """Benchmarks measured side by side in one process (ratios, not absolute times)."""
 from __future__ import annotations
 
+import datetime
+import os
+import platform
+import sys
 import time
 
 import jax
@@ -18,6 +22,15 @@ def _time(fn, args) -> float:
   return time.perf_counter() - t0
 
 
+def provenance(binary: str) -> dict:
+  """Where and how a benchmark's figures were made, for its --out JSON: the command (this
+  process's flags), the machine, the device, jax's version and the date."""
+  return {"command": f"python -m {binary} " + " ".join(sys.argv[1:]),
+          "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+          "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "date": datetime.date.today().isoformat()}
+
+
 def alternate(fns: dict, repeats: int) -> dict[str, float]:
   """Median seconds of each jitted fn, run alternately after one warm-up call each."""
   for fn, args in fns.values():
@@ -30,7 +43,9 @@ def alternate(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
-              capacity_factor: float, router: str, repeats: int) -> float:
+              capacity_factor: float, router: str, repeats: int) -> dict:
+  """Median forward+backward seconds of the MoE layer and of a dense SwiGLU of width k*f,
+  alternating in this process; returns both and their ratio."""
   cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=f, backend=backend, router=router,
                   capacity_factor=capacity_factor)
   dt = jnp.dtype(dtype)
@@ -59,7 +74,8 @@ def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
         f"capacity_factor={capacity_factor} device={jax.devices()[0].device_kind}")
   print(f"moe_fwd_bwd_s={med['moe']:.4f} dense_fwd_bwd_s={med['dense']:.4f}")
   print(f"ratio={ratio:.3f}")
-  return ratio
+  return {"T": t, "d": d, "f": f, "E": e, "k": k, "dtype": dtype, "backend": backend,
+          "moe_s": med["moe"], "dense_s": med["dense"], "ratio": ratio}
 
 
 def bench_gmm(m: int, k: int, n: int, e: int, dtype: str, repeats: int,
@@ -82,7 +98,7 @@ def bench_gmm(m: int, k: int, n: int, e: int, dtype: str, repeats: int,
   tflops = {name: 2 * m * k * n / s / 1e12 for name, s in alternate(fns, repeats).items()}
   print(f"gmm m={m} k={k} n={n} groups={e} dtype={dtype} device={jax.devices()[0].device_kind}")
   print(" ".join(f"{name}_tflops={v:.3f}" for name, v in tflops.items()), flush=True)
-  return tflops
+  return {"m": m, "k": k, "n": n, "groups": e, "dtype": dtype, "tflops": tflops}
 
 
 def bench_moa(b: int, length: int, d: int, h: int, g: int, n: int, shared_kv: bool,

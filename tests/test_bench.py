@@ -1,12 +1,21 @@
 """The benchmark library's model shapes and training-throughput step (the figures come
 from experiments.bench_train on the machines docs/benchmarks.md names)."""
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
+import subproc
+from experiments import render_results
 from moe_jax import bench
 from moe_jax.convert import load
+from moe_jax.moe import kernel_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_smollm2_shape_is_the_embedded_models_config():
@@ -31,3 +40,35 @@ def test_bench_train_steps_an_upcycled_model():
   r = bench.bench_train(cfg, batch=2, length=16, steps=1, rounds=1)
   assert r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) and r["mfu"] is None
   assert r["params"] > r["active_params"] > 0
+
+
+@pytest.mark.parametrize("binary,flags,name", [
+    ("bench_moe", ["--T=64", "--d=16", "--shapes=4:8:2", "--backend=dropless", "--gmm",
+                   "--repeats=1"], "layer_cpu"),
+    ("bench_train", ["--model=seed", "--experts=0,2", "--B=1", "--L=16", "--steps=1"],
+     "train_cpu"),
+    ("check_kernels", ["--run", "--seeds=1", "--T=24", "--d=8", "--f=8", "--E=3"],
+     "kernels_cpu")])
+def test_benchmark_out_files_render_into_tables(tmp_path, binary, flags, name):
+  """What accelerator_checks.sh leaves for docs/benchmarks.md: each binary's --out JSON
+  names its command and device and renders (experiments.render_results) into a table."""
+  out = tmp_path / f"{name}.json"
+  proc = subprocess.run([sys.executable, "-m", f"experiments.{binary}", *flags, f"--out={out}"],
+                        cwd=ROOT, env=subproc.env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads(out.read_text())
+  assert r["command"].startswith(f"python -m experiments.{binary} ") and r["device"] == "cpu"
+  table = render_results.renderer(name)(r).splitlines()
+  assert table[0].startswith(f"`{r['command']}`")
+  rows = [line for line in table if line.startswith("| ") and not line.startswith("| E |")]
+  assert len(rows) >= 3 and "FAIL" not in "\n".join(table)
+
+
+def test_a_kernel_that_raises_is_reported_and_the_others_still_run(monkeypatch):
+  def broken(*args):
+    raise RuntimeError("no Triton here")
+  monkeypatch.setattr(kernel_check, "check_permute", broken)
+  errors = {}
+  errs = kernel_check.run_all(kernel_check.Sizes(t=16, d=8, f=8, e=3, k=2), "float32", 0, errors)
+  assert errors == {"permute": "RuntimeError: no Triton here"}
+  assert "gmm" in errs and "layer grads" in errs and "permute" not in errs
