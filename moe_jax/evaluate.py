@@ -35,8 +35,7 @@ def _window_nll(model, tokens_BxL: jax.Array) -> jax.Array:
   return nll.sum(axis=-1)
 
 
-def mean_nll(model, windows_NxL: np.ndarray, batch_size: int = 4,
-             progress=None) -> tuple[float, int]:
+def mean_nll(model, windows_NxL: np.ndarray, batch_size: int = 4) -> tuple[float, int]:
   """(mean NLL, number of predicted tokens). The last batch is padded, not recompiled."""
   n, length = windows_NxL.shape
   total = 0.0
@@ -46,12 +45,10 @@ def mean_nll(model, windows_NxL: np.ndarray, batch_size: int = 4,
     if real < batch_size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
     total += float(np.sum(np.asarray(_window_nll(model, jnp.asarray(batch)))[:real], dtype=np.float64))
-    if progress:
-      progress(min(start + batch_size, n), n)
   tokens = n * (length - 1)
   return total / tokens, tokens
 
 
-def perplexity(model, windows_NxL: np.ndarray, batch_size: int = 4, progress=None) -> dict:
-  loss, tokens = mean_nll(model, windows_NxL, batch_size, progress)
+def perplexity(model, windows_NxL: np.ndarray, batch_size: int = 4) -> dict:
+  loss, tokens = mean_nll(model, windows_NxL, batch_size)
   return {"eval_loss": loss, "ppl": math.exp(loss), "tokens": tokens}

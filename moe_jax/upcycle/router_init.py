@@ -137,7 +137,6 @@ def _hidden(d_model, r, rng, std, hidden_NxD=None, labels=None, directions_RxD=N
 
 ROUTER_INITS: dict[str, Callable[..., np.ndarray]] = {
     "normal": _normal, "zeros": _zeros, "kmeans": _kmeans, "hidden": _hidden}
-KINDS = tuple(ROUTER_INITS)
 
 
 def init_router(kind: str, d_model: int, num_experts: int, rng: np.random.Generator, *,
