@@ -8,9 +8,16 @@ backend of --backend; the dense FFN has
 width k*f. The MoE (router included) and the dense FFN alternate in one process after
 warm-up, and each pair prints `ratio=<median MoE time / median dense time>`; the last
 lines are one `summary` line per pair. With --gmm, also the grouped-matmul TFLOP/s of the
-Pallas gmm, jax.lax.ragged_dot and a dense matmul at each shape. --out writes every
-figure as JSON (rewritten after each measurement).
+Pallas gmm, jax.lax.ragged_dot and a dense matmul at each shape. With --transformers
+(needs the `hf` extra), also transformers' Mixtral sparse block on torch at each shape, in
+a child process with the same threads, against its own dense SwiGLU; then each backend's
+absolute time over the fastest transformers implementation. --out writes every figure as
+JSON (rewritten after each measurement).
 """
+import json
+import subprocess
+import sys
+
 from absl import app, flags
 
 from experiments import cli
@@ -33,6 +40,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions of each.")
 _GMM = flags.DEFINE_bool("gmm", False, "Also report TFLOP/s of one grouped matmul (T*k rows, "
                          "d -> f): Pallas gmm vs jax.lax.ragged_dot vs dense.")
 _OUT = flags.DEFINE_string("out", "", "Also write the figures as JSON to this path.")
+_TRANSFORMERS = flags.DEFINE_list("transformers", [], "Also time transformers' Mixtral block "
+                                  "with these experts implementations (eager, batched_mm, "
+                                  "grouped_mm).")
 _TILINGS = flags.DEFINE_list("gmm_tilings", [], "--gmm: also time the Pallas gmm at these "
                              "tilings, bm:bk:bn or bm:bk:bn:num_warps:num_stages (Triton).")
 
@@ -53,12 +63,27 @@ def _tiling(text: str) -> tuple[int, ...]:
   return tuple(int(p) for p in parts)
 
 
+def _transformers(e: int, f: int, k: int) -> dict:
+  """bench.bench_transformers in a child process (its torch threads apart from XLA's)."""
+  args = (_T.value, _D.value, f, e, k, _DTYPE.value, _REPEATS.value, tuple(_TRANSFORMERS.value))
+  code = f"import json; from moe_jax import bench; print(json.dumps(bench.bench_transformers{args}))"
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise RuntimeError(f"transformers block: {proc.stderr.strip().splitlines()[-1]}")
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  print(f"transformers {r['torch']} threads={r['threads']} E={e} f={f} k={k}: " + " ".join(
+      f"{n}_s={v:.4f}" for n, v in r["seconds"].items()) + " " + " ".join(
+      f"{n}_over_dense={v:.3f}" for n, v in r["ratio"].items()), flush=True)
+  return r
+
+
 def main(argv):
   del argv
   shapes = [_shape(s) for s in _SHAPES.value]
   if any(v is not None for v in (_E.value, _F.value, _K.value)):
     shapes = [(_E.value or 8, _F.value or 1024, _K.value or 2)]
-  result = {**bench.provenance("experiments.bench_moe"), "layer": [], "gmm": []}
+  result = {**bench.provenance("experiments.bench_moe"), "layer": [], "gmm": [],
+            "transformers": []}
 
   def record(kind, figures):
     result[kind].append(figures)
@@ -69,12 +94,21 @@ def main(argv):
     for backend in _BACKEND.value:
       record("layer", bench.bench_moe(_T.value, _D.value, f, e, k, _DTYPE.value, backend,
                                       _CF.value, _ROUTER.value, _REPEATS.value))
+    if _TRANSFORMERS.value:
+      record("transformers", _transformers(e, f, k))
     if _GMM.value:
       record("gmm", bench.bench_gmm(_T.value * k, _D.value, f, e, _DTYPE.value, _REPEATS.value,
                                     (None, *(_tiling(t) for t in _TILINGS.value))))
+  peers = {(r["E"], r["f"], r["k"]): r for r in result["transformers"]}
   for r in result["layer"]:
-    print(f"summary E={r['E']} f={r['f']} k={r['k']} backend={r['backend']} "
-          f"moe_over_dense={r['ratio']:.3f}")
+    line = (f"summary E={r['E']} f={r['f']} k={r['k']} backend={r['backend']} "
+            f"moe_over_dense={r['ratio']:.3f}")
+    peer = peers.get((r["E"], r["f"], r["k"]))
+    if peer:
+      best = min(peer["ratio"], key=lambda n: peer["seconds"][n])
+      line += (f" transformers_{best}_over_its_dense={peer['ratio'][best]:.3f} "
+               f"moe_jax_over_transformers={r['moe_s'] / peer['seconds'][best]:.3f}")
+    print(line)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,12 @@ def layer(r: dict) -> str:
           "|---|---|---|---|---|---|---|"]
   rows += [f"| {x['E']} | {x['f']} | {x['k']} | {x['backend']} | {x['moe_s']:.5f} | "
            f"{x['dense_s']:.5f} | {x['ratio']:.3f} |" for x in r["layer"]]
+  if r.get("transformers"):
+    rows += ["", "| transformers block (torch) | E | f | k | implementation | fwd+bwd s | "
+             "its dense s | block / its dense |", "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| torch {x['torch']}, {x['threads']} threads | {x['E']} | {x['f']} | {x['k']} | "
+             f"{impl} | {x['seconds'][impl]:.5f} | {x['seconds']['dense']:.5f} | "
+             f"{x['ratio'][impl]:.3f} |" for x in r["transformers"] for impl in x["ratio"]]
   if r["gmm"]:
     names = list(r["gmm"][0]["tflops"])
     rows += ["", "| grouped matmul (rows, d -> f, groups) | " + " | ".join(

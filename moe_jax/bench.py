@@ -78,6 +78,57 @@ def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
           "moe_s": med["moe"], "dense_s": med["dense"], "ratio": ratio}
 
 
+def bench_transformers(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int,
+                       implementations: tuple[str, ...] = ("eager",)) -> dict:
+  """The peer of bench_moe: transformers' Mixtral sparse block (router, top-k, experts) on
+  torch, forward+backward of sum(output) on the same shapes, against a torch SwiGLU of width
+  k*f; each experts implementation of transformers (`eager`: its loop over experts,
+  `batched_mm`, `grouped_mm`) and the dense FFN alternate after a warm-up. Median seconds
+  and, per implementation, the ratio to dense. Run it in its own process (bench_moe does):
+  torch's and XLA's thread pools would share the cores."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers.models.mixtral import configuration_mixtral, modeling_mixtral  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  dt = getattr(torch, dtype)
+  cfg = configuration_mixtral.MixtralConfig(hidden_size=d, intermediate_size=f,
+                                            num_local_experts=e, num_experts_per_tok=k)
+  block = modeling_mixtral.MixtralSparseMoeBlock(cfg).to(dt)
+  for p in block.parameters():
+    torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+  dense = [torch.randn(s, dtype=dt).mul_(s[-1] ** -0.5).requires_grad_()
+           for s in ((k * f, d), (k * f, d), (d, k * f))]
+  x = torch.randn(1, t, d, dtype=dt, requires_grad=True)
+
+  def moe(impl):
+    def run():
+      cfg._experts_implementation = impl
+      block.zero_grad(set_to_none=True)
+      x.grad = None
+      block(x).float().sum().backward()
+    return run
+
+  def swiglu():
+    for w in dense:
+      w.grad = None
+    x.grad = None
+    h = torch.nn.functional.silu(x @ dense[0].T) * (x @ dense[1].T)
+    (h @ dense[2].T).float().sum().backward()
+
+  fns = {**{impl: moe(impl) for impl in implementations}, "dense": swiglu}
+  for fn in fns.values():
+    fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  med = {name: float(np.median(v)) for name, v in times.items()}
+  return {"T": t, "d": d, "f": f, "E": e, "k": k, "dtype": dtype, "torch": torch.__version__,
+          "threads": torch.get_num_threads(), "seconds": med,
+          "ratio": {impl: med[impl] / med["dense"] for impl in implementations}}
+
+
 def bench_gmm(m: int, k: int, n: int, e: int, dtype: str, repeats: int,
               tilings: tuple = (None,)) -> dict[str, float]:
   """TFLOP/s of one grouped matmul [m, k] x [e, k, n] over e equal groups: the Pallas gmm
