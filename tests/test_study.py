@@ -170,3 +170,11 @@ def test_a_finding_can_run_part_of_its_arms_and_report_the_rest_as_not_run():
   table = study_report.comparison_table(rows, finding.comparisons, finding.expected)
   assert table[2].startswith("| upcycled - dense | 2 | -0.2000 ± ")
   assert table[3] == "| upcycled - scratch_moe | 0 | – | upcycled lower | not run yet |"
+
+
+def test_findings_from_another_build_of_the_seed_are_named():
+  row = lambda loss: {"arm": "seed", "loss": loss, "eval_loss": 3.1}
+  tables = {"routing": [row(4.999444)], "upcycling": [row(5.000861), {"arm": "x", "loss": 1.0}]}
+  assert study_report.rebuilt_seeds({"routing": tables["routing"]}, 4.999444) == []
+  (line,) = study_report.rebuilt_seeds(tables, 4.999444)
+  assert "upcycling: training loss 5.000861" in line and "routing" not in line
