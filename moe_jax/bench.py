@@ -130,11 +130,11 @@ def bench_transformers(t: int, d: int, f: int, e: int, k: int, dtype: str, repea
 
 
 def bench_gmm(m: int, k: int, n: int, e: int, dtype: str, repeats: int,
-              tilings: tuple = (None,)) -> dict[str, float]:
+              tilings: tuple = (None,)) -> dict:
   """TFLOP/s of one grouped matmul [m, k] x [e, k, n] over e equal groups: the Pallas gmm
   (forward, at each tiling of `tilings`; None: its default), jax.lax.ragged_dot, and a
   dense [m, k] x [k, n] matmul of the same FLOPs. On CPU the Pallas kernel runs in the
-  interpreter: that number is not a kernel timing."""
+  interpreter: that number is not a kernel timing. Returns the shape and {name: TFLOP/s}."""
   from pallas_kernels.gmm import ops as gmm_ops  # pylint: disable=g-import-not-at-top
   dt = jnp.dtype(dtype)
   ks = jax.random.split(jax.random.key(1), 2)

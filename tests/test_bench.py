@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import subproc
+from configs.study import common
 from experiments import render_results
 from moe_jax import bench
 from moe_jax.convert import load
@@ -24,6 +25,14 @@ def test_smollm2_shape_is_the_embedded_models_config():
   for f in dataclasses.fields(want):
     a, b = getattr(got, f.name), getattr(want, f.name)
     assert (math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) else a == b), f.name
+
+
+def test_seed_shape_is_the_studys_seed():
+  scratch = common.base(runlocal=False, steps=1).scratch
+  shape = bench.SHAPES["seed"]
+  assert shape["vocab_size"] == int(scratch.tokenizer.removeprefix("bpe:"))
+  assert {k: shape[k] for k in shape if k != "vocab_size"} == {k: scratch[k] for k in shape
+                                                               if k != "vocab_size"}
 
 
 def test_model_shape_upcycles_and_names_bad_input():
