@@ -62,10 +62,14 @@ def kernels(r: dict) -> str:
 
 def layer(r: dict) -> str:
   """experiments.bench_moe --out: the layer against dense, and the grouped matmul."""
-  rows = ["| E | f | k | backend | MoE fwd+bwd s | dense fwd+bwd s | MoE / dense |",
-          "|---|---|---|---|---|---|---|"]
+  peers = {(x["E"], x["f"], x["k"]): min(v for n, v in x["seconds"].items() if n != "dense")
+           for x in r.get("transformers", [])}
+  vs = lambda x: (f" {x['moe_s'] / peers[(x['E'], x['f'], x['k'])]:.3f} |"
+                  if (x["E"], x["f"], x["k"]) in peers else " |")
+  rows = ["| E | f | k | backend | MoE fwd+bwd s | dense fwd+bwd s | MoE / dense | MoE / "
+          "fastest transformers block |", "|---|---|---|---|---|---|---|---|"]
   rows += [f"| {x['E']} | {x['f']} | {x['k']} | {x['backend']} | {x['moe_s']:.5f} | "
-           f"{x['dense_s']:.5f} | {x['ratio']:.3f} |" for x in r["layer"]]
+           f"{x['dense_s']:.5f} | {x['ratio']:.3f} |" + vs(x) for x in r["layer"]]
   if r.get("transformers"):
     rows += ["", "| transformers block (torch) | E | f | k | implementation | fwd+bwd s | "
              "its dense s | block / its dense |", "|---|---|---|---|---|---|---|---|"]
@@ -84,15 +88,18 @@ def layer(r: dict) -> str:
 
 def train(r: dict) -> str:
   """experiments.bench_train --out: training throughput and MFU."""
-  rows = ["| model | experts | backend | params (active) | batch | remat | step ms | tokens/s "
-          "| model TFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|---|---|"]
+  dense = {x["model"]: x["step_s"] for x in r["runs"] if not x["experts"]}
+  rows = ["| model | experts | backend | params (active) | batch | remat | step ms | step / "
+          "dense step | tokens/s | model TFLOP/s | MFU |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in r["runs"]:
+    rel = f"{x['step_s'] / dense[x['model']]:.2f}" if x["model"] in dense else ""
     mfu = "n/a" if x["mfu"] is None else f"{x['mfu']:.3f}"
     experts = f"{x['experts']} top-{x['top_k']}" if x["experts"] else "dense"
     rows.append(f"| {x['model']} | {experts} | {x['backend']} | {x['params'] / 1e6:.0f}M "
                 f"({x['active_params'] / 1e6:.0f}M) | {x['batch']}x{x['length']} | "
-                f"{x['remat']} | {x['step_s'] * 1e3:.1f} | {x['tokens_per_s']:.0f} | "
-                f"{x['model_tflops_per_s']:.1f} | {mfu} |")
+                f"{x['remat']} | {x['step_s'] * 1e3:.1f} | {rel} | {x['tokens_per_s']:.0f} | "
+                f"{x['model_tflops_per_s']:.3g} | {mfu} |")
   return "\n".join([f"{_source(r)}; compute {r['runs'][0]['dtype']}, params "
                     f"{r['runs'][0]['param_dtype']}", "", *rows])
 
