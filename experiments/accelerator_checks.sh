@@ -6,9 +6,10 @@
 #
 # STEPS: a comma-separated subset of env,kernels,layer,train_small,train_1b (default all).
 # Backends run pallas last, so a kernel that fails still leaves the XLA figures. Each step
-# runs under its own time limit and writes OUTDIR/<step>.log (and .json where
-# the binary writes one: the figures with the command, device, jax version and date); a failed step does not stop the next. The last lines printed
-# are every step's summary lines and exit status.
+# runs under its own time limit and writes OUTDIR/<step>.log, and JSON where the binary
+# writes one (the figures with the command, device, jax version and date); a failed step
+# does not stop the next. The last lines printed are every step's summary lines and exit
+# status.
 set -u
 OUT=${1:?usage: accelerator_checks.sh OUTDIR [STEPS]}
 STEPS=${2:-env,kernels,layer,train_small,train_1b}

@@ -47,20 +47,20 @@ _TILINGS = flags.DEFINE_list("gmm_tilings", [], "--gmm: also time the Pallas gmm
                              "tilings, bm:bk:bn or bm:bk:bn:num_warps:num_stages (Triton).")
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def _ints(flag: str, text: str, lengths: tuple[int, ...], expected: str) -> tuple[int, ...]:
+  """`text` as colon-separated positive integers, as many as one of `lengths`."""
   parts = text.split(":")
-  if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-    raise app.UsageError(f"--shapes={text!r}: expected experts:expert width:top-k, "
-                         "positive integers (e.g. 64:128:8)")
+  if len(parts) not in lengths or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise app.UsageError(f"--{flag}={text!r}: expected {expected}, positive integers")
   return tuple(int(p) for p in parts)
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+  return _ints("shapes", text, (3,), "experts:expert width:top-k (e.g. 64:128:8)")
 
 
 def _tiling(text: str) -> tuple[int, ...]:
-  parts = text.split(":")
-  if len(parts) not in (3, 5) or not all(p.isdigit() and int(p) > 0 for p in parts):
-    raise app.UsageError(f"--gmm_tilings={text!r}: expected bm:bk:bn or "
-                         "bm:bk:bn:num_warps:num_stages, positive integers")
-  return tuple(int(p) for p in parts)
+  return _ints("gmm_tilings", text, (3, 5), "bm:bk:bn or bm:bk:bn:num_warps:num_stages")
 
 
 def _transformers(e: int, f: int, k: int) -> dict:

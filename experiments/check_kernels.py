@@ -7,7 +7,7 @@
 Lowering (jax.export needs no accelerator) prints `<kernel> <platform> ok` or the error,
 one line each. --run runs every kernel, forward and backward, on this machine's platform
 (the real Triton/Mosaic kernels on a GPU/TPU, the interpreter on CPU) against plain-jnp
-references (pallas_kernels/kernel_check.py) and prints each relative error against its
+references (moe_jax/moe/kernel_check.py) and prints each relative error against its
 dtype's bound; --out also writes them as JSON. The exit status is 1 if anything failed.
 """
 import sys

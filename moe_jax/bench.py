@@ -114,16 +114,9 @@ def bench_transformers(t: int, d: int, f: int, e: int, k: int, dtype: str, repea
     h = torch.nn.functional.silu(x @ dense[0].T) * (x @ dense[1].T)
     (h @ dense[2].T).float().sum().backward()
 
-  fns = {**{impl: moe(impl) for impl in implementations}, "dense": swiglu}
-  for fn in fns.values():
-    fn()
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-  med = {name: float(np.median(v)) for name, v in times.items()}
+  # torch on CPU runs synchronously: alternate's block_until_ready(None) waits for nothing.
+  med = alternate({**{impl: (moe(impl), ()) for impl in implementations},
+                   "dense": (swiglu, ())}, repeats)
   return {"T": t, "d": d, "f": f, "E": e, "k": k, "dtype": dtype, "torch": torch.__version__,
           "threads": torch.get_num_threads(), "seconds": med,
           "ratio": {impl: med[impl] / med["dense"] for impl in implementations}}

@@ -276,7 +276,7 @@ def test_triton_tiling_may_name_warps_and_stages():
     gmm_ops.gmm(lhs, rhs, gs, target_lib.INTERPRET, (8, 8))
 
 
-def test_run_check_passes_the_kernels_and_catches_a_wrong_one(monkeypatch):
+def test_kernel_check_passes_the_kernels_and_catches_a_wrong_one(monkeypatch):
   """check_kernels --run's checks (run on a GPU/TPU for real): within bounds here, and a
   kernel that drops one group's rows is reported far outside them."""
   sizes = kernel_check.Sizes(t=40, d=16, f=8, e=4, k=2)

@@ -1,5 +1,5 @@
-"""Run every Pallas kernel (pallas_kernels/) on this machine's platform against plain-jnp references,
-forward and backward: the check behind `experiments/check_kernels.py --run`.
+"""Run every Pallas kernel (pallas_kernels/) on this machine's platform against plain-jnp
+references, forward and backward: the check behind `experiments/check_kernels.py --run`.
 
 The ops are called with `target=None`, so a GPU runs the Triton kernels, a TPU the Mosaic
 ones and a CPU the interpreter. Every call draws fresh random inputs: group sizes are
