@@ -8,6 +8,10 @@ COMPARISONS and SEEDS (moe_jax/study.py). Finished runs are skipped. results.csv
 shared.csv, results.md and the plots go to `<results_dir>/<finding>/` (the workdir itself
 without --results_dir), and the shared runs' loss curves beside that folder (seed.csv and
 seed.png) as the runs lie beside the workdir. Then `python -m experiments.results_page`.
+
+Several processes can share one finding, e.g. one per core on a CPU machine
+(`taskset -c 0 python -m experiments.study ...` and `taskset -c 1 ...`, same flags): each
+passes over the runs another is training and waits for them before writing the results.
 """
 import os
 

@@ -33,6 +33,7 @@ from lm_eval.api.registry import register_model
 
 from moe_jax import generation, harness_tasks, runs
 from moe_jax.convert import load
+from moe_jax.moe import dispatch
 from moe_jax.train.step import token_nll
 
 _WIDTH_BUCKET = 32  # padded request widths are multiples of this: few compiles
@@ -49,7 +50,7 @@ def _score(model, tokens_BxL: jax.Array, targets_BxL: jax.Array):
 def needs_dropless(moe) -> bool:
   """Whether an MoE config scores with capacity dispatch, where tokens of a batch (pads
   included) compete for expert slots: scoring then switches to dropless."""
-  return moe is not None and moe.backend == "capacity"
+  return moe is not None and moe.backend in dispatch.CAPACITY_BACKENDS
 
 
 def evaluation_model(src: load.Source, dtype: str = "float32", backend: str = ""):

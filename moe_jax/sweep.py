@@ -11,12 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import ml_collections
 
-from moe_jax import plotting
+from moe_jax import locks, plotting
 
 
 RUN_PREFIX = "run:"
@@ -99,22 +100,51 @@ def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_co
 
 
 def run_sweep(base: ml_collections.ConfigDict, sweep: Iterable[dict[str, Any]], workdir: str,
-              train_fn: Callable) -> list[dict[str, Any]]:
-  """Runs every override set not finished yet; returns one row per run."""
-  rows = []
-  for overrides in order(sweep):
-    run_dir = os.path.normpath(os.path.join(workdir, run_name(overrides)))
-    final = os.path.join(run_dir, "final.json")
-    if os.path.exists(final):
-      print(f"skip (finished): {run_name(overrides)}")
-    else:
-      print(f"run: {run_name(overrides)}")
-      train_fn(apply(base, resolve(overrides, workdir)), run_dir)
-    with open(final) as f:
-      result = json.load(f)
-    rows.append({**overrides, "eval_loss": result.get("eval_loss"), "loss": result.get("loss"),
-                 "run": run_name(overrides)})
-  return rows
+              train_fn: Callable, poll_s: float = 30.0) -> list[dict[str, Any]]:
+  """Runs every override set not finished yet; returns one row per run. Several processes
+  may share a sweep (one per core or host): a run another process is training
+  (locks.Busy) is passed over, and so is a run whose parent has not finished; when only
+  such runs are left, this process waits (`poll_s`) for them to finish or free up."""
+  runs_ = order(sweep)
+  pending = list(runs_)
+  while pending:
+    started = _run_next(base, pending, workdir, train_fn)
+    if pending and not started:
+      time.sleep(poll_s)
+  return [_row(o, workdir) for o in runs_]
+
+
+def _finished(name: str, workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, name, "final.json"))
+
+
+def _run_next(base, pending: list[dict[str, Any]], workdir: str, train_fn: Callable) -> bool:
+  """Takes the finished runs off `pending` and trains the first runnable one (then takes it
+  off); True if it trained one."""
+  for overrides in list(pending):
+    name = run_name(overrides)
+    if _finished(name, workdir):
+      print(f"skip (finished): {name}")
+      pending.remove(overrides)
+    elif all(_finished(p, workdir) for p in parents_of(overrides)):
+      print(f"run: {name}")
+      try:
+        train_fn(apply(base, resolve(overrides, workdir)),
+                 os.path.normpath(os.path.join(workdir, name)))
+      except locks.Busy as e:
+        print(f"busy, passed over: {e}")
+        continue
+      pending.remove(overrides)
+      return True
+  return False
+
+
+def _row(overrides: dict[str, Any], workdir: str) -> dict[str, Any]:
+  name = run_name(overrides)
+  with open(os.path.join(workdir, name, "final.json")) as f:
+    result = json.load(f)
+  return {**overrides, "eval_loss": result.get("eval_loss"), "loss": result.get("loss"),
+          "run": name}
 
 
 def write_results(rows: list[dict[str, Any]], workdir: str, title: str) -> list[str]:

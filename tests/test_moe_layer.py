@@ -86,7 +86,7 @@ def test_capacity_never_exceeded_and_drops_contribute_nothing(t, e, k, cf, polic
       kept, dropped = w[(idx == ex) & keep_TxK], w[(idx == ex) & ~keep_TxK]
       if len(kept) and len(dropped):
         assert dropped.max() <= kept.min() + 1e-7
-  for backend in ("capacity", "capacity_einsum"):
+  for backend in dispatch.CAPACITY_BACKENDS:
     y, frac = jax.jit(dispatch.BACKENDS[backend], static_argnums=5)(
         x, r, wg, wu, wd, MoeConfig(**{**cfg.__dict__, "backend": backend}))
     np.testing.assert_allclose(np.asarray(y), _reference(x, r, wg, wu, wd, keep_TxK), atol=1e-4)
@@ -148,7 +148,7 @@ def test_backends_agree_when_nothing_drops(router):
   params = _weights(e, d, f, seed=3)
   x = jax.random.normal(jax.random.key(7), (t, d))
   outs = {}
-  for backend in ("dropless", "capacity", "capacity_einsum", "ragged"):
+  for backend in ("dropless", "ragged", *dispatch.CAPACITY_BACKENDS):
     cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=f, backend=backend, router=router,
                     capacity_factor=float(e))
     loss = lambda x, *p: jnp.sum(jnp.sin(layer.moe_forward(x, *p, cfg)[0]))
@@ -161,6 +161,32 @@ def test_backends_agree_when_nothing_drops(router):
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=1e-5, err_msg=name)
     for a, b in zip(g, ref_g):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("cf,policy", [(0.5, "probability"), (1.0, "position"), (1.25, "probability")])
+def test_capacity_on_the_block_loop_equals_the_batched_buffer_with_drops(cf, policy):
+  """capacity_grouped (the CPU `capacity`) against capacity_gather ([E, C, D] and batched
+  matmuls), with assignments dropped: outputs, dropped fraction and every gradient,
+  through the router too. Skewed routing so that some experts overflow, others idle."""
+  e, k, t, d, f = 8, 2, 96, 8, 6
+  router, wg, wu, wd = _weights(e, d, f, seed=13)
+  router = router.at[:, :2].mul(4.0)  # experts 0 and 1 attract most tokens
+  x = jax.random.normal(jax.random.key(4), (t, d))
+  outs = {}
+  for backend in ("capacity_gather", "capacity_grouped"):
+    cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=f, backend=backend, capacity_factor=cf,
+                    drop_policy=policy)
+    def loss(x, *p, cfg=cfg):
+      y, stats = layer.moe_forward(x, *p, cfg)
+      return jnp.sum(jnp.sin(y)) + stats["aux_loss"], stats["dropped_fraction"]
+    outs[backend] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+        x, router, wg, wu, wd)
+  (ref, ref_frac), ref_g = outs["capacity_gather"]
+  (got, frac), g = outs["capacity_grouped"]
+  assert float(ref_frac) > 0.05 and float(frac) == float(ref_frac)
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+  for a, b in zip(g, ref_g):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 def test_dropless_gradient_matches_finite_differences():

@@ -1,12 +1,16 @@
 """Sweep binary: runs each override set in its own directory, writes CSV, markdown and a
 plot, and skips finished runs when started again."""
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
+import ml_collections
 import subproc
 from configs import sweep_experts
-from moe_jax import runs, sweep
+from moe_jax import locks, runs, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = subproc.env()
@@ -54,3 +58,39 @@ def test_result_figures_leave_the_callers_pyplot_alone(tmp_path):
   assert [os.path.basename(p) for p in paths] == ["eval_loss_vs_optim_lr.png"]
   assert os.path.getsize(paths[0]) > 1000
   assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == []
+
+
+def test_processes_sharing_a_sweep_pass_over_busy_runs_and_wait_for_parents(tmp_path):
+  """Another worker holds run b's lock and finishes it later: this process trains a and
+  c meanwhile, never b, and trains d (which starts from b) only after b has finished."""
+  trained = []
+
+  def fake_train(config, run_dir):
+    with locks.hold(run_dir):
+      if config.init != "scratch":
+        assert os.path.exists(os.path.join(config.init, "final.json")), config.init
+      trained.append(os.path.basename(run_dir))
+      os.makedirs(run_dir, exist_ok=True)
+      with open(os.path.join(run_dir, "final.json"), "w") as f:
+        json.dump({"eval_loss": 1.0, "loss": 2.0}, f)
+
+  other_has_b, release_b = threading.Event(), threading.Event()
+
+  def other_worker():
+    with locks.hold(str(tmp_path / "b")):
+      other_has_b.set()
+      release_b.wait(10)
+      os.makedirs(tmp_path / "b")
+      (tmp_path / "b" / "final.json").write_text('{"eval_loss": 3.0, "loss": 4.0}')
+
+  other = threading.Thread(target=other_worker)
+  other.start()
+  other_has_b.wait(10)
+  threading.Timer(0.5, release_b.set).start()
+  base = ml_collections.ConfigDict({"init": "scratch"})
+  runs_ = [{"name": "a"}, {"name": "b"}, {"name": "d", "init": "run:b"}, {"name": "c"}]
+  start = time.time()
+  rows = sweep.run_sweep(base, runs_, str(tmp_path), fake_train, poll_s=0.1)
+  other.join()
+  assert trained == ["a", "c", "d"] and time.time() - start >= 0.5
+  assert [r["run"] for r in rows] == ["a", "b", "d", "c"] and rows[1]["eval_loss"] == 3.0

@@ -9,9 +9,9 @@ statistics are averaged over the batch axes, so the aux and z losses are the glo
 ones, equal to one device's.
 
 Backends:
-- `capacity`, `capacity_einsum`: a fixed [E, C, D] buffer per shard with C computed from
-  the shard's own T/n tokens (`dispatch.capacity`), so a shard drops what one device with
-  the shard's tokens would drop. Equal to the single-device result whenever nothing drops
+- every capacity backend (dispatch.CAPACITY_BACKENDS): a fixed [E, C, D] buffer per
+  shard with C computed from the shard's own T/n tokens (`dispatch.capacity`), so a
+  shard drops what one device with the shard's tokens would drop. Equal to the single-device result whenever nothing drops
   (e.g. capacity_factor >= E/k); with drops, which assignments survive depends on the
   split of the batch (per-shard instead of global ranking).
 - every dropless backend (`dropless`, `ragged`, `pallas`): a padded all_to_all, one
@@ -41,7 +41,6 @@ from moe_jax import sharding
 from moe_jax.moe import dispatch, losses, routers
 
 EXPERT_AXIS = "expert"
-CAPACITY_BACKENDS = ("capacity", "capacity_einsum")
 
 
 def expert_axis_size(mesh=None) -> int:
@@ -122,7 +121,7 @@ def _dropless_dispatch(x_TxD, routing, w_gate, w_up, w_down, cfg, n_ep: int):
 def _shard_body(x_TxD, logits_TxE, bias_E, w_gate, w_up, w_down, *, cfg, n_ep, batch_axes,
                 dtype, has_bias):
   routing = routers.route(logits_TxE, cfg, bias_E=bias_E if has_bias else None)
-  fn = _capacity_dispatch if cfg.backend in CAPACITY_BACKENDS else _dropless_dispatch
+  fn = _capacity_dispatch if cfg.backend in dispatch.CAPACITY_BACKENDS else _dropless_dispatch
   y, dropped = fn(x_TxD.astype(dtype), routing, w_gate.astype(dtype), w_up.astype(dtype),
                   w_down.astype(dtype), cfg, n_ep)
   return y, losses.router_stats(routing, logits_TxE, cfg, dropped,
