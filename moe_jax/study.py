@@ -58,6 +58,7 @@ class Finding:
   axis: tuple[str, str] | None
   seeds: int
   steps: int                               # each arm's continued training (the base config's)
+  ran: str = ""                            # how its runs were laid out on the machine (RAN)
 
   @classmethod
   def load(cls, path: str, arg: str | None = None) -> "Finding":
@@ -74,7 +75,7 @@ class Finding:
                arms=tuple(mod.arms(arg)), shared=tuple(mod.shared(arg)),
                comparisons=tuple(mod.COMPARISONS), expected=expected,
                axis=getattr(mod, "AXIS", None), seeds=mod.SEEDS,
-               steps=mod.get_config(arg).loop.steps)
+               steps=mod.get_config(arg).loop.steps, ran=getattr(mod, "RAN", ""))
 
   def only(self, names: list[str]) -> "Finding":
     """This finding with only the arms `names` (all for []); unknown names fail."""

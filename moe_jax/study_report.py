@@ -375,8 +375,9 @@ def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[st
             *comparison_table(rows, finding.comparisons, finding.expected), ""]
   for png in sorted(p for p in os.listdir(out_dir) if p.endswith(".png")):
     lines += [f"![{finding.name} {png[:-4]}]({_link(os.path.join(out_dir, png), page_dir)})", ""]
+  ran = f" The runs went {finding.ran}." if finding.ran else ""
   lines += [f"**Re-run:** `{command}` ({finding.plan()}). Compute: "
-            f"{compute_line(rows, shared)}.", "", "**What it says.**", ""]
+            f"{compute_line(rows, shared)}.{ran}", "", "**What it says.**", ""]
   arms = by_arm(rows)
   for a, b, d in differences(rows, finding.comparisons):
     if d is None:
@@ -403,7 +404,8 @@ def render_page(findings: list[study.Finding], root: str, page_dir: str) -> str:
            f"difference within {NOISE_SE:g} standard errors is reported as noise, and a "
            "significant one with its size relative to the loss. Arms are compared at "
            "equal training tokens unless a finding says otherwise. Training times are of the 2-core CPU "
-           "machine, evaluation excluded.", "", *seed_section(root, page_dir, tables)]
+           "machine, evaluation excluded, one process on both cores unless a finding says "
+           "otherwise.", "", *seed_section(root, page_dir, tables)]
   for f in sorted(findings, key=lambda f: f.number):
     lines += finding_section(f, root, page_dir)
   return "\n".join(lines)

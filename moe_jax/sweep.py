@@ -114,8 +114,13 @@ def run_sweep(base: ml_collections.ConfigDict, sweep: Iterable[dict[str, Any]], 
   return [_row(o, workdir) for o in runs_]
 
 
+def _run_dir(name: str, workdir: str) -> str:
+  """A run's directory; normalised, as `../x` under a workdir not made yet must resolve."""
+  return os.path.normpath(os.path.join(workdir, name))
+
+
 def _finished(name: str, workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, name, "final.json"))
+  return os.path.exists(os.path.join(_run_dir(name, workdir), "final.json"))
 
 
 def _run_next(base, pending: list[dict[str, Any]], workdir: str, train_fn: Callable) -> bool:
@@ -129,8 +134,7 @@ def _run_next(base, pending: list[dict[str, Any]], workdir: str, train_fn: Calla
     elif all(_finished(p, workdir) for p in parents_of(overrides)):
       print(f"run: {name}")
       try:
-        train_fn(apply(base, resolve(overrides, workdir)),
-                 os.path.normpath(os.path.join(workdir, name)))
+        train_fn(apply(base, resolve(overrides, workdir)), _run_dir(name, workdir))
       except locks.Busy as e:
         print(f"busy, passed over: {e}")
         continue
@@ -141,7 +145,7 @@ def _run_next(base, pending: list[dict[str, Any]], workdir: str, train_fn: Calla
 
 def _row(overrides: dict[str, Any], workdir: str) -> dict[str, Any]:
   name = run_name(overrides)
-  with open(os.path.join(workdir, name, "final.json")) as f:
+  with open(os.path.join(_run_dir(name, workdir), "final.json")) as f:
     result = json.load(f)
   return {**overrides, "eval_loss": result.get("eval_loss"), "loss": result.get("loss"),
           "run": name}
