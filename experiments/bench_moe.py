@@ -11,8 +11,10 @@ lines are one `summary` line per pair. With --gmm, also the grouped-matmul TFLOP
 Pallas gmm, jax.lax.ragged_dot and a dense matmul at each shape. With --transformers
 (needs the `hf` extra), also transformers' Mixtral sparse block on torch at each shape, in
 a child process with the same threads, against its own dense SwiGLU; then each backend's
-absolute time over the fastest transformers implementation. --out writes every figure as
-JSON (rewritten after each measurement).
+absolute time over the fastest transformers implementation. With --floor, also the experts
+alone on rows already grouped into equal slabs against dense, forward and forward+backward:
+what the narrower expert products cost with no routing at all. --out writes every figure
+as JSON (rewritten after each measurement).
 """
 import json
 import subprocess
@@ -43,6 +45,9 @@ _OUT = flags.DEFINE_string("out", "", "Also write the figures as JSON to this pa
 _TRANSFORMERS = flags.DEFINE_list("transformers", [], "Also time transformers' Mixtral block "
                                   "with these experts implementations (eager, batched_mm, "
                                   "grouped_mm).")
+_FLOOR = flags.DEFINE_bool("floor", False, "Also time the experts alone on rows already "
+                            "grouped into equal slabs (no router, no permutation) against dense: "
+                            "what the expert shapes cost by themselves (bench.bench_floor).")
 _TILINGS = flags.DEFINE_list("gmm_tilings", [], "--gmm: also time the Pallas gmm at these "
                              "tilings, bm:bk:bn or bm:bk:bn:num_warps:num_stages (Triton).")
 
@@ -83,7 +88,7 @@ def main(argv):
   if any(v is not None for v in (_E.value, _F.value, _K.value)):
     shapes = [(_E.value or 8, _F.value or 1024, _K.value or 2)]
   result = {**bench.provenance("experiments.bench_moe"), "layer": [], "gmm": [],
-            "transformers": []}
+            "transformers": [], "floor": []}
 
   def record(kind, figures):
     result[kind].append(figures)
@@ -94,6 +99,9 @@ def main(argv):
     for backend in _BACKEND.value:
       record("layer", bench.bench_moe(_T.value, _D.value, f, e, k, _DTYPE.value, backend,
                                       _CF.value, _ROUTER.value, _REPEATS.value))
+    if _FLOOR.value:
+      record("floor", bench.bench_floor(_T.value, _D.value, f, e, k, _DTYPE.value,
+                                        _REPEATS.value))
     if _TRANSFORMERS.value:
       record("transformers", _transformers(e, f, k))
     if _GMM.value:

@@ -76,6 +76,14 @@ def layer(r: dict) -> str:
     rows += [f"| torch {x['torch']}, {x['threads']} threads | {x['E']} | {x['f']} | {x['k']} | "
              f"{impl} | {x['seconds'][impl]:.5f} | {x['seconds']['dense']:.5f} | "
              f"{x['ratio'][impl]:.3f} |" for x in r["transformers"] for impl in x["ratio"]]
+  if r.get("floor"):
+    rows += ["", "| the experts alone, rows pre-grouped (E, f, k) | forward s | dense forward s | "
+             "forward ratio | fwd+bwd s | dense fwd+bwd s | fwd+bwd ratio |",
+             "|---|---|---|---|---|---|---|"]
+    rows += [f"| {x['E']}, {x['f']}, {x['k']} | {x['seconds']['floor_fwd']:.5f} | "
+             f"{x['seconds']['dense_fwd']:.5f} | {x['fwd_ratio']:.3f} | "
+             f"{x['seconds']['floor']:.5f} | {x['seconds']['dense']:.5f} | {x['ratio']:.3f} |"
+             for x in r["floor"]]
   if r["gmm"]:
     names = list(r["gmm"][0]["tflops"])
     rows += ["", "| grouped matmul (rows, d -> f, groups) | " + " | ".join(

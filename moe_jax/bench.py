@@ -78,6 +78,39 @@ def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
           "moe_s": med["moe"], "dense_s": med["dense"], "ratio": ratio}
 
 
+def bench_floor(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int) -> dict:
+  """What the expert shapes alone cost on this device, with no router and no permutation:
+  the E experts' SwiGLU on T*k rows already grouped into E equal [T*k/E, d] slabs (E
+  separate SwiGLUs, each its own matmuls) against the dense SwiGLU of width k*f, both
+  forward only and forward+backward, alternating. Equal FLOPs; a ratio above 1 is the
+  price of the narrower products (d -> f instead of d -> k*f), which no dispatch removes."""
+  dt = jnp.dtype(dtype)
+  ks = jax.random.split(jax.random.key(1), 7)
+  c = t * k // e
+  x = jax.random.normal(ks[0], (t, d), dt)
+  x_grouped = jax.random.normal(ks[1], (e, c, d), dt)
+  experts = [jax.random.normal(ks[i], s, dt) * s[-2] ** -0.5
+             for i, s in ((2, (e, d, f)), (3, (e, d, f)), (4, (e, f, d)))]
+  dense = [jax.random.normal(ks[i], s, dt) * s[-2] ** -0.5
+           for i, s in ((4, (d, k * f)), (5, (d, k * f)), (6, (k * f, d)))]
+  floor = lambda x, *w: sum(jnp.sum(layers.swiglu(x[i], *(p[i] for p in w)).astype(
+      jnp.float32)) for i in range(e))
+  # One array per expert and slab: gradients need no stacking (which XLA:CPU does as E
+  # full-size adds).
+  experts, x_grouped = [list(p) for p in experts], list(x_grouped)
+  dense_fn = lambda x, *w: jnp.sum(layers.swiglu(x, *w).astype(jnp.float32))
+  grad = lambda fn: jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3)))
+  med = alternate({"floor_fwd": (jax.jit(floor), (x_grouped, *experts)),
+                   "dense_fwd": (jax.jit(dense_fn), (x, *dense)),
+                   "floor": (grad(floor), (x_grouped, *experts)),
+                   "dense": (grad(dense_fn), (x, *dense))}, repeats)
+  print(f"floor E={e} f={f} k={k}: experts on grouped rows / dense: forward "
+        f"{med['floor_fwd'] / med['dense_fwd']:.3f}, forward+backward "
+        f"{med['floor'] / med['dense']:.3f}", flush=True)
+  return {"T": t, "d": d, "f": f, "E": e, "k": k, "dtype": dtype, "seconds": med,
+          "fwd_ratio": med["floor_fwd"] / med["dense_fwd"], "ratio": med["floor"] / med["dense"]}
+
+
 def bench_transformers(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int,
                        implementations: tuple[str, ...] = ("eager",)) -> dict:
   """The peer of bench_moe: transformers' Mixtral sparse block (router, top-k, experts) on

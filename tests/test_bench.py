@@ -53,7 +53,7 @@ def test_bench_train_steps_an_upcycled_model():
 
 @pytest.mark.parametrize("binary,flags,name", [
     ("bench_moe", ["--T=64", "--d=16", "--shapes=4:8:2", "--backend=dropless", "--gmm",
-                   "--repeats=1", "--transformers=eager"], "layer_cpu"),
+                   "--floor", "--repeats=1", "--transformers=eager"], "layer_cpu"),
     ("bench_train", ["--model=seed", "--experts=0,2", "--B=1", "--L=16", "--steps=1"],
      "train_cpu"),
     ("check_kernels", ["--run", "--seeds=1", "--T=24", "--d=8", "--f=8", "--E=3"],

@@ -163,7 +163,8 @@ def test_backends_agree_when_nothing_drops(router):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("cf,policy", [(0.5, "probability"), (1.0, "position"), (1.25, "probability")])
+@pytest.mark.parametrize("cf,policy", [(0.5, "probability"), (1.0, "position"),
+                                       (1.25, "probability")])
 def test_capacity_on_the_block_loop_equals_the_batched_buffer_with_drops(cf, policy):
   """capacity_grouped (the CPU `capacity`) against capacity_gather ([E, C, D] and batched
   matmuls), with assignments dropped: outputs, dropped fraction and every gradient,

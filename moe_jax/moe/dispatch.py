@@ -299,27 +299,37 @@ def _region_loop(region: Region, n_blocks, body, carry):
       0, n_blocks, lambda b, c: body(region.offset + b * region.block, b, c), carry)
 
 
-def _grouped_fwd(x_SxD, w_R, w_gu, w_down, src_R, dest_SxK, block_expert, n_blocks, regions):
-  rows, f2, d = w_R.shape[0], w_gu.shape[-1], w_down.shape[-1]
+def _add_rows(acc_SxD, src, rows):
+  """acc[src[i]] += rows[i]: a block's rows summed into their sources (padding rows into
+  the last, spare row). Inside the block loop this replaces a [rows, D] buffer and a
+  gather-and-sum after it, which on CPU cost more than the serial scatter."""
+  return acc_SxD.at[src].add(rows, mode="promise_in_bounds")
+
+
+def _grouped_fwd(x_SxD, w_R, w_gu, w_down, src_R, block_expert, n_blocks, regions):
+  s, d = x_SxD.shape
   x_pad = _pad_row(x_SxD)
-  out = (jnp.zeros((rows, d), x_SxD.dtype), jnp.zeros((rows, f2), x_SxD.dtype))
+  out = (jnp.zeros((s + 1, d), x_SxD.dtype),
+         jnp.zeros((w_R.shape[0], w_gu.shape[-1]), x_SxD.dtype))
   for region, experts, n in zip(regions, block_expert, n_blocks):
     def body(start, b, carry, size=region.block, experts=experts):
       y, gu_buf = carry
-      xb, e = x_pad[_rows(src_R, start, size)], experts[b]
+      src = _rows(src_R, start, size)
+      xb, e = x_pad[src], experts[b]
       gu = xb @ w_gu[e]
       g, u = jnp.split(gu, 2, axis=-1)
       yb = ((jax.nn.silu(g) * u) @ w_down[e]) * _rows(w_R, start, size)[:, None]
-      return _put(y, yb, start), _put(gu_buf, gu, start)
+      return _add_rows(y, src, yb), _put(gu_buf, gu, start)
     out = _region_loop(region, n, body, out)
-  y_RxD, gu_RxF2 = out
-  return _sum_rows(y_RxD, dest_SxK), gu_RxF2
+  y_pad, gu_RxF2 = out
+  return y_pad[:s], gu_RxF2
 
 
-def _grouped_bwd(x_SxD, w_R, gu_RxF2, dy_SxD, w_gu, w_down, src_R, dest_SxK, block_expert,
-                 n_blocks, regions):
+def _grouped_bwd(x_SxD, w_R, gu_RxF2, dy_SxD, w_gu, w_down, src_R, block_expert, n_blocks,
+                 regions):
+  s, d = x_SxD.shape
   x_pad, dy_pad = _pad_row(x_SxD), _pad_row(dy_SxD)
-  carry = (jnp.zeros((w_R.shape[0], x_SxD.shape[1]), x_SxD.dtype), jnp.zeros_like(w_R),
+  carry = (jnp.zeros((s + 1, d), x_SxD.dtype), jnp.zeros_like(w_R),
            jnp.zeros_like(w_gu), jnp.zeros_like(w_down))
   for region, experts, n in zip(regions, block_expert, n_blocks):
     def body(start, b, carry, size=region.block, experts=experts):
@@ -338,39 +348,37 @@ def _grouped_bwd(x_SxD, w_R, gu_RxF2, dy_SxD, w_gu, w_down, src_R, dest_SxK, blo
       dgu = jnp.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * silu], axis=-1)
       dwd = dwd.at[e].add(h.T @ (dy * wb))
       dwgu = dwgu.at[e].add(xb.T @ dgu)
-      return _put(dx, dgu @ w_gu[e].T, start), dw, dwgu, dwd
+      return _add_rows(dx, src, dgu @ w_gu[e].T), dw, dwgu, dwd
     carry = _region_loop(region, n, body, carry)
-  dx_RxD, *grads = carry
-  return (_sum_rows(dx_RxD, dest_SxK), *grads)
+  dx_pad, *grads = carry
+  return (dx_pad[:s], *grads)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, dest_SxK, block_expert, n_blocks,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, block_expert, n_blocks,
                    regions: tuple[Region, ...]):
-  """[S, D]: source row s gets sum over its rows r = dest_SxK[s, :] of
+  """[S, D]: source row s gets the sum over the buffer rows r with src_R[r] = s of
   w_R[r] * swiglu_{expert of r's block}(x_SxD[s]), the buffer rows being cut into the
   `regions`' blocks (block_layout). `w_gu` is [E, D, 2F], each expert's gate and up
   projections side by side, so a block's input goes through one [D, 2F] matmul (and,
   backwards, one for its input gradient and one for the weights' gradient) instead of
-  two half as wide: on CPU, wider products use the cores better. Row r reads its input
-  from source src_R[r] (S for an empty row) inside the block loop, and the backward reads
-  the output gradient the same way, so no [rows, D] copy of the input or of the gradient
-  is ever made. Only each region's first n_blocks blocks are computed. Custom VJP: one
-  fused loop backwards."""
-  return _grouped_fwd(x_SxD, w_R, w_gu, w_down, src_R, dest_SxK, block_expert, n_blocks,
-                      regions)[0]
+  two half as wide: on CPU, wider products use the cores better. Each block reads its
+  input rows from x_SxD (src_R[r] = S for an empty row) and adds its outputs into their
+  sources inside the loop, and the backward reads the output gradient and adds the
+  input gradient the same way, so no [rows, D] array is ever made. Only each region's
+  first n_blocks blocks are computed. Custom VJP: one fused loop backwards."""
+  return _grouped_fwd(x_SxD, w_R, w_gu, w_down, src_R, block_expert, n_blocks, regions)[0]
 
 
-def _grouped_vjp_fwd(x, w_r, w_gu, wd, src_R, dest_SxK, block_expert, n_blocks, regions):
-  y, gu = _grouped_fwd(x, w_r, w_gu, wd, src_R, dest_SxK, block_expert, n_blocks, regions)
-  return y, (x, w_r, gu, w_gu, wd, src_R, dest_SxK, block_expert, n_blocks)
+def _grouped_vjp_fwd(x, w_r, w_gu, wd, src_R, block_expert, n_blocks, regions):
+  y, gu = _grouped_fwd(x, w_r, w_gu, wd, src_R, block_expert, n_blocks, regions)
+  return y, (x, w_r, gu, w_gu, wd, src_R, block_expert, n_blocks)
 
 
 def _grouped_vjp_bwd(regions, res, dy):
-  x, w_r, gu, w_gu, wd, src_R, dest_SxK, block_expert, n_blocks = res
-  grads = _grouped_bwd(x, w_r, gu, dy, w_gu, wd, src_R, dest_SxK, block_expert, n_blocks,
-                       regions)
-  return (*grads, None, None, None, None)
+  x, w_r, gu, w_gu, wd, src_R, block_expert, n_blocks = res
+  grads = _grouped_bwd(x, w_r, gu, dy, w_gu, wd, src_R, block_expert, n_blocks, regions)
+  return (*grads, None, None, None)
 
 
 grouped_swiglu.defvjp(_grouped_vjp_fwd, _grouped_vjp_bwd)
@@ -380,14 +388,13 @@ def _grouped(x_SxD, slots: Slots, weight_N, num_groups: int, k: int, levels, w_g
              w_down, computed_groups: int | None = None):
   """The sorted assignments of S sources (k each) through `grouped_swiglu`."""
   blocks, regions, rows = block_layout(slots, num_groups, levels, computed_groups)
-  layout = Layout(slots.order_N, blocks.dest_N, weight_N, rows, k)
-  dest_A, assign_R = _row_maps(layout)
-  s, n = x_SxD.shape[0], slots.order_N.shape[0]
-  src_R = jnp.where(assign_R < n, assign_R // k, s)
+  n = slots.order_N.shape[0]
+  assign_R = jnp.full((rows + 1,), n, jnp.int32).at[blocks.dest_N].set(slots.order_N)[:-1]
+  src_R = jnp.where(assign_R < n, assign_R // k, x_SxD.shape[0])
   w_R = jnp.zeros((rows,), x_SxD.dtype).at[blocks.dest_N].set(weight_N.astype(x_SxD.dtype))
   w_gu = jnp.concatenate([w_gate, w_up], axis=-1)
-  return grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, dest_A.reshape(s, k),
-                        blocks.block_expert, blocks.n_blocks, regions)
+  return grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, blocks.block_expert,
+                        blocks.n_blocks, regions)
 
 
 def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 512):
