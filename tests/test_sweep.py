@@ -86,10 +86,10 @@ def test_processes_sharing_a_sweep_pass_over_busy_runs_and_wait_for_parents(tmp_
   other = threading.Thread(target=other_worker)
   other.start()
   other_has_b.wait(10)
-  threading.Timer(0.5, release_b.set).start()
   base = ml_collections.ConfigDict({"init": "scratch"})
   runs_ = [{"name": "a"}, {"name": "b"}, {"name": "d", "init": "run:b"}, {"name": "c"}]
   start = time.time()
+  threading.Timer(0.5, release_b.set).start()
   rows = sweep.run_sweep(base, runs_, str(tmp_path), fake_train, poll_s=0.1)
   other.join()
   assert trained == ["a", "c", "d"] and time.time() - start >= 0.5
