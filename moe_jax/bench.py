@@ -24,9 +24,13 @@ def _time(fn, args) -> float:
 
 def provenance(binary: str) -> dict:
   """Where and how a benchmark's figures were made, for its --out JSON: the command (this
-  process's flags), the machine, the device, jax's version and the date."""
+  process's flags), the machine (and the cores this process may run on, when pinned), the
+  device, jax's version and the date."""
+  cores = os.cpu_count()
+  usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
   return {"command": f"python -m {binary} " + " ".join(sys.argv[1:]),
-          "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+          "machine": f"{platform.machine()}, " + (f"{cores} cores" if usable == cores else
+                                                  f"{usable} of {cores} cores (pinned)"),
           "device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": datetime.date.today().isoformat()}
 

@@ -81,3 +81,12 @@ def test_a_kernel_that_raises_is_reported_and_the_others_still_run(monkeypatch):
   errs = kernel_check.run_all(kernel_check.Sizes(t=16, d=8, f=8, e=3, k=2), "float32", 0, errors)
   assert errors == {"permute": "RuntimeError: no Triton here"}
   assert "gmm" in errs and "layer grads" in errs and "permute" not in errs
+
+
+def test_provenance_names_the_cores_a_pinned_process_may_use(monkeypatch):
+  """A process pinned with taskset reports the cores it may run on, not the machine's."""
+  monkeypatch.setattr(os, "cpu_count", lambda: 4)
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2}, raising=False)
+  assert bench.provenance("x")["machine"].endswith(", 1 of 4 cores (pinned)")
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+  assert bench.provenance("x")["machine"].endswith(", 4 cores")
