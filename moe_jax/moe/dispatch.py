@@ -93,9 +93,20 @@ def _row_maps(layout: Layout) -> tuple[jax.Array, jax.Array]:
   scattered)."""
   n = layout.order_N.shape[0]
   dest_A = jnp.zeros((n,), jnp.int32).at[layout.order_N].set(layout.dest_N.astype(jnp.int32))
-  assign_R = jnp.full((layout.rows + 1,), n, jnp.int32).at[layout.dest_N].set(
+  return dest_A, _assignments(layout)
+
+
+def _assignments(layout: Layout) -> jax.Array:
+  """assign_R: each buffer row's assignment, N where the row is empty (or dropped)."""
+  n = layout.order_N.shape[0]
+  return jnp.full((layout.rows + 1,), n, jnp.int32).at[layout.dest_N].set(
       layout.order_N.astype(jnp.int32))[:-1]
-  return dest_A, assign_R
+
+
+def _sources(assign_R: jax.Array, k: int, num_sources: int) -> jax.Array:
+  """src_R: the source (token) of each buffer row's assignment, num_sources (the padding
+  row) where the row is empty."""
+  return jnp.where(assign_R < num_sources * k, assign_R // k, num_sources)
 
 
 def _pad_row(x_MxD: jax.Array) -> jax.Array:
@@ -111,8 +122,7 @@ def _sum_rows(y_RxD, dest_SxK):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _to_rows(x_TxD, dest_A, assign_R, k: int):
   """[R, D]: row r is token assign_R[r] // k (zero for an empty row)."""
-  t = x_TxD.shape[0]
-  return _pad_row(x_TxD)[jnp.where(assign_R < t * k, assign_R // k, t)]
+  return _pad_row(x_TxD)[_sources(assign_R, k, x_TxD.shape[0])]
 
 
 def _to_rows_fwd(x_TxD, dest_A, assign_R, k):
@@ -388,9 +398,8 @@ def _grouped(x_SxD, slots: Slots, weight_N, num_groups: int, k: int, levels, w_g
              w_down, computed_groups: int | None = None):
   """The sorted assignments of S sources (k each) through `grouped_swiglu`."""
   blocks, regions, rows = block_layout(slots, num_groups, levels, computed_groups)
-  n = slots.order_N.shape[0]
-  assign_R = jnp.full((rows + 1,), n, jnp.int32).at[blocks.dest_N].set(slots.order_N)[:-1]
-  src_R = jnp.where(assign_R < n, assign_R // k, x_SxD.shape[0])
+  layout = Layout(slots.order_N, blocks.dest_N, weight_N, rows, k)
+  src_R = _sources(_assignments(layout), k, x_SxD.shape[0])
   w_R = jnp.zeros((rows,), x_SxD.dtype).at[blocks.dest_N].set(weight_N.astype(x_SxD.dtype))
   w_gu = jnp.concatenate([w_gate, w_up], axis=-1)
   return grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, blocks.block_expert,

@@ -11,9 +11,10 @@ ones, equal to one device's.
 Backends:
 - every capacity backend (dispatch.CAPACITY_BACKENDS): a fixed [E, C, D] buffer per
   shard with C computed from the shard's own T/n tokens (`dispatch.capacity`), so a
-  shard drops what one device with the shard's tokens would drop. Equal to the single-device result whenever nothing drops
-  (e.g. capacity_factor >= E/k); with drops, which assignments survive depends on the
-  split of the batch (per-shard instead of global ranking).
+  shard drops what one device with the shard's tokens would drop. Equal to the
+  single-device result whenever nothing drops (e.g. capacity_factor >= E/k); with drops,
+  which assignments survive depends on the split of the batch (per-shard instead of
+  global ranking).
 - every dropless backend (`dropless`, `ragged`, `pallas`): a padded all_to_all, one
   buffer of R = T * min(k, E/n) rows per destination shard (the most one shard can send
   another: each token picks distinct experts), then the received rows grouped by local
