@@ -59,6 +59,7 @@ class Finding:
   seeds: int
   steps: int                               # each arm's continued training (the base config's)
   ran: str = ""                            # how its runs were laid out on the machine (RAN)
+  processes: int = 1                       # how many shared the machine side by side (PROCESSES)
 
   @classmethod
   def load(cls, path: str, arg: str | None = None) -> "Finding":
@@ -68,6 +69,10 @@ class Finding:
       if pair not in mod.COMPARISONS or sign not in ("lower", "higher"):
         raise ValueError(f"{path}: EXPECTED[{pair}]={sign!r}: expected 'lower' or 'higher' "
                          "for a pair in COMPARISONS")
+    processes = getattr(mod, "PROCESSES", 1)
+    if not isinstance(processes, int) or processes < 1:
+      raise ValueError(f"{path}: PROCESSES={processes!r}: expected a positive integer (how "
+                       "many processes shared the machine)")
     return cls(name=os.path.basename(path)[:-3], number=getattr(mod, "FINDING", 0),
                title=getattr(mod, "TITLE", os.path.basename(path)[:-3]),
                command=(mod.__doc__ or "").strip().splitlines()[0],
@@ -75,7 +80,8 @@ class Finding:
                arms=tuple(mod.arms(arg)), shared=tuple(mod.shared(arg)),
                comparisons=tuple(mod.COMPARISONS), expected=expected,
                axis=getattr(mod, "AXIS", None), seeds=mod.SEEDS,
-               steps=mod.get_config(arg).loop.steps, ran=getattr(mod, "RAN", ""))
+               steps=mod.get_config(arg).loop.steps, ran=getattr(mod, "RAN", ""),
+               processes=processes)
 
   def only(self, names: list[str]) -> "Finding":
     """This finding with only the arms `names` (all for []); unknown names fail."""

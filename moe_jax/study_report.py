@@ -160,14 +160,47 @@ def trends(rows: list[dict], values: dict[str, Any], label: str) -> list[str]:
   return out
 
 
-def compute_line(rows: list[dict], shared: list[dict]) -> str:
-  """The training compute the finding's runs took (evaluation and start-up excluded)."""
+def compute_line(rows: list[dict], shared: list[dict], processes: int = 1) -> str:
+  """The training compute the finding's runs took (evaluation and start-up excluded); with
+  several processes side by side, also the machine's time that is (their sum / processes)."""
   own = sum(r["train_s"] for r in rows) / 60
   line = f"{len(rows)} runs, {own:.0f} min of training"
+  if processes > 1:
+    line += f", about {own / processes:.0f} min of the machine's time with {processes} side by side"
   if shared:
     line += " (and the shared " + ", ".join(
         f"{r['arm']}, {r['train_s'] / 60:.0f} min for {r['tokens']:.3g} tokens" for r in shared) + ")"
   return line
+
+
+def compute_section(findings: list[study.Finding], root: str) -> list[str]:
+  """Markdown: each finding's training time on the machine (its runs' sum over the processes
+  that shared it), the shared runs once each (the longest build any finding recorded), and
+  the total; [] before any finding has results."""
+  rows, shared = [], {}
+  for f in sorted(findings, key=lambda f: f.number):
+    results = os.path.join(root, f.name, "results.csv")
+    if not os.path.exists(results):
+      continue
+    own = sum(r["train_s"] for r in read_csv(results)) / 60
+    rows.append((f"{f.number}. {f.name}", own, f.processes))
+    for r in read_csv(os.path.join(root, f.name, "shared.csv")):
+      shared[r["arm"]] = max(shared.get(r["arm"], 0.0), r["train_s"] / 60)
+  if not rows:
+    return []
+  rows += [(f"shared: {name}", m, 1) for name, m in shared.items()]
+  machine = sum(m / p for _, m, p in rows)
+  lines = ["## Compute", "",
+           "The training time of every finding and of the shared runs it starts from, each "
+           "shared run counted once (its longest recorded build). With several processes side "
+           "by side, the machine's time is their sum divided by their number. Both cores are "
+           "busy throughout, so core-hours are twice the machine's hours.", "",
+           "| | training minutes (sum over runs) | processes side by side | minutes of the machine |",
+           "|---|---|---|---|"]
+  lines += [f"| {name} | {m:.0f} | {p} | {m / p:.0f} |" for name, m, p in rows]
+  lines += [f"| **all** | {sum(m for _, m, _ in rows):.0f} | | **{machine:.0f}** "
+            f"({machine / 60:.1f} h; {2 * machine / 60:.1f} core-hours) |", ""]
+  return lines
 
 
 def write_results(rows: list[dict], finding: study.Finding, workdir: str, out_dir: str,
@@ -179,7 +212,7 @@ def write_results(rows: list[dict], finding: study.Finding, workdir: str, out_di
   write_csv(os.path.join(out_dir, "shared.csv"), list(shared))
   lines = [f"# {finding.name}", "", *arm_table(rows), "",
            *comparison_table(rows, finding.comparisons, finding.expected), "",
-           f"Compute: {compute_line(rows, list(shared))}."]
+           f"Compute: {compute_line(rows, list(shared), finding.processes)}."]
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   plots = plot_curves(rows, workdir, out_dir, finding.name)
@@ -377,7 +410,7 @@ def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[st
     lines += [f"![{finding.name} {png[:-4]}]({_link(os.path.join(out_dir, png), page_dir)})", ""]
   ran = f" The runs went {finding.ran}." if finding.ran else ""
   lines += [f"**Re-run:** `{command}` ({finding.plan()}). Compute: "
-            f"{compute_line(rows, shared)}.{ran}", "", "**What it says.**", ""]
+            f"{compute_line(rows, shared, finding.processes)}.{ran}", "", "**What it says.**", ""]
   arms = by_arm(rows)
   for a, b, d in differences(rows, finding.comparisons):
     if d is None:
@@ -408,4 +441,4 @@ def render_page(findings: list[study.Finding], root: str, page_dir: str) -> str:
            "otherwise.", "", *seed_section(root, page_dir, tables)]
   for f in sorted(findings, key=lambda f: f.number):
     lines += finding_section(f, root, page_dir)
-  return "\n".join(lines)
+  return "\n".join(lines + compute_section(findings, root))

@@ -178,3 +178,39 @@ def test_findings_from_another_build_of_the_seed_are_named():
   assert study_report.rebuilt_seeds({"routing": tables["routing"]}, 4.999444) == []
   (line,) = study_report.rebuilt_seeds(tables, 4.999444)
   assert "upcycling: training loss 5.000861" in line and "routing" not in line
+
+
+def test_the_compute_section_divides_side_by_side_runs_and_counts_a_shared_run_once(tmp_path):
+  def finding(name, number, processes):
+    return study.Finding(name=name, number=number, title=name, command="", question="",
+                         claim="", arms=(), shared=(), comparisons=(), expected={}, axis=None,
+                         seeds=1, steps=1, processes=processes)
+
+  def write(name, train_s, seed_s):
+    row = lambda arm, t: {"arm": arm, "seed": 0, "steps": 1, "tokens": 1, "params": 1,
+                          "active_params": 1, "train_s": t}
+    os.makedirs(tmp_path / name)
+    study_report.write_csv(str(tmp_path / name / "results.csv"), [row("a", t) for t in train_s])
+    study_report.write_csv(str(tmp_path / name / "shared.csv"), [row("seed", seed_s)])
+
+  write("one", [600, 600], 1800)     # 20 min on both cores
+  write("two", [1200, 1200], 2400)   # 40 min over 2 processes
+  findings = [finding("two", 2, 2), finding("one", 1, 1), finding("unrun", 3, 1)]
+  lines = study_report.compute_section(findings, str(tmp_path))
+  assert lines[-5:] == ["| 1. one | 20 | 1 | 20 |", "| 2. two | 40 | 2 | 20 |",
+                        "| shared: seed | 40 | 1 | 40 |",
+                        "| **all** | 100 | | **80** (1.3 h; 2.7 core-hours) |", ""]
+  assert study_report.compute_section([finding("unrun", 3, 1)], str(tmp_path)) == []
+  line = study_report.compute_line(study_report.read_csv(str(tmp_path / "two" / "results.csv")),
+                                   [], 2)
+  assert line == "2 runs, 40 min of training, about 20 min of the machine's time with 2 side by side"
+
+
+def test_a_finding_says_how_many_processes_shared_the_machine(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("COMPARISONS = ()\nSEEDS = 1\nPROCESSES = 0\n"
+                  "def arms(arg=None):\n  yield {'name': 'a'}\n"
+                  "def shared(arg=None):\n  return ()\n")
+  with pytest.raises(ValueError, match=r"bad.py: PROCESSES=0: expected a positive integer"):
+    study.Finding.load(str(path))
+  assert study.Finding.load(os.path.join(ROOT, "configs", "study", "upcycling.py")).processes == 2

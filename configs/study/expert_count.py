@@ -18,8 +18,8 @@ EXPECTED = {pair: "lower" for pair in COMPARISONS}
 AXIS = ("upcycle.num_experts", "experts E")
 SEEDS = 3
 # How the committed runs were laid out (the results page says it beside their times).
-RAN = ("two processes side by side, each pinned to one core (taskset -c 0 / -c 1), so "
-       "their tokens/s and times are one core's")
+PROCESSES = 2
+RAN = common.PINNED_PAIR
 
 
 get_config, shared = common.interface(steps=150)

@@ -25,8 +25,8 @@ EXPECTED = {("upcycled", "dense"): "lower", ("upcycled", "scratch_moe"): "lower"
 COMPARISONS = (("upcycled", "dense"), ("upcycled", "scratch_moe"), ("upcycled", "dense_flops"))
 SEEDS = 3
 # How the committed runs were laid out (the results page says it beside their times).
-RAN = ("two processes side by side, each pinned to one core (taskset -c 0 / -c 1), so "
-       "their tokens/s and times are one core's")
+PROCESSES = 2
+RAN = common.PINNED_PAIR
 
 
 get_config, shared = common.interface(steps=300, experts=8)
