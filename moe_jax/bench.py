@@ -89,14 +89,14 @@ def bench_floor(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int
   forward only and forward+backward, alternating. Equal FLOPs; a ratio above 1 is the
   price of the narrower products (d -> f instead of d -> k*f), which no dispatch removes."""
   dt = jnp.dtype(dtype)
-  ks = jax.random.split(jax.random.key(1), 7)
+  ks = jax.random.split(jax.random.key(1), 8)
   c = t * k // e
   x = jax.random.normal(ks[0], (t, d), dt)
   x_grouped = jax.random.normal(ks[1], (e, c, d), dt)
   experts = [jax.random.normal(ks[i], s, dt) * s[-2] ** -0.5
              for i, s in ((2, (e, d, f)), (3, (e, d, f)), (4, (e, f, d)))]
   dense = [jax.random.normal(ks[i], s, dt) * s[-2] ** -0.5
-           for i, s in ((4, (d, k * f)), (5, (d, k * f)), (6, (k * f, d)))]
+           for i, s in ((5, (d, k * f)), (6, (d, k * f)), (7, (k * f, d)))]
   floor = lambda x, *w: sum(jnp.sum(layers.swiglu(x[i], *(p[i] for p in w)).astype(
       jnp.float32)) for i in range(e))
   # One array per expert and slab: gradients need no stacking (which XLA:CPU does as E

@@ -193,8 +193,8 @@ def compute_section(findings: list[study.Finding], root: str) -> list[str]:
   lines = ["## Compute", "",
            "The training time of every finding and of the shared runs it starts from, each "
            "shared run counted once (its longest recorded build). With several processes side "
-           "by side, the machine's time is their sum divided by their number. Both cores are "
-           "busy throughout, so core-hours are twice the machine's hours.", "",
+           "by side, the machine's time is their sum divided by their number. Each run had "
+           "both cores or one of them to itself, so core-hours are twice the machine's hours.", "",
            "| | training minutes (sum over runs) | processes side by side | minutes of the machine |",
            "|---|---|---|---|"]
   lines += [f"| {name} | {m:.0f} | {p} | {m / p:.0f} |" for name, m, p in rows]
