@@ -19,8 +19,9 @@ COMPARISONS = tuple((f"cf{f}", "dropless") for f in FACTORS)
 AXIS = ("moe.capacity_factor", "capacity factor")
 SEEDS = 3
 # How the committed runs were laid out (the results page says it beside their times).
-RAN = ("through the [E, C, D] buffer and batched matmuls (now `capacity_gather`), the CPU "
-       "`capacity` path until 2026-12-04, so their times are that path's")
+PROCESSES = 2
+RAN = (common.PINNED_PAIR + "; capacity went through the block loop with dropped "
+       "assignments left out (`capacity_grouped`), the CPU `capacity` path since 2026-12-04")
 
 
 get_config, shared = common.interface(steps=250)
