@@ -20,7 +20,6 @@ plots and the results page are study_report.py's.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -58,8 +57,8 @@ class Finding:
   axis: tuple[str, str] | None
   seeds: int
   steps: int                               # each arm's continued training (the base config's)
-  ran: str = ""                            # how its runs were laid out on the machine (RAN)
-  processes: int = 1                       # how many shared the machine side by side (PROCESSES)
+  ran: str = ""                            # what else the results page says of its runs (RAN)
+  processes: int = 1                       # how many ran side by side, one core each (PROCESSES)
 
   @classmethod
   def load(cls, path: str, arg: str | None = None) -> "Finding":
@@ -148,8 +147,7 @@ def run_study(base, arms, shared, seeds: int, workdir: str, train_fn: Callable) 
   todo = seeded_runs(arms, shared, seeds)
   sweep.run_sweep(base, todo, workdir, train_fn)
   for run in todo:
-    rescore_if_stale(os.path.normpath(os.path.join(workdir, sweep.run_name(run))),
-                     base.loop.final_eval)
+    rescore_if_stale(sweep.run_dir(sweep.run_name(run), workdir), base.loop.final_eval)
   return [run_row(os.path.join(workdir, run_name(a[sweep.NAME], s)), a[sweep.NAME], s)
           for a in arms for s in range(seeds)]
 
@@ -157,8 +155,7 @@ def run_study(base, arms, shared, seeds: int, workdir: str, train_fn: Callable) 
 def rescore_if_stale(run_dir: str, final_eval: str) -> bool:
   """Scores a finished run again when its final record was made with another
   loop.final_eval; True if it did."""
-  with open(os.path.join(run_dir, "final.json")) as f:
-    made = json.load(f).get("final_eval", "batches")  # records before the key: batches
+  made = sweep.read_final(run_dir).get("final_eval", "batches")  # older records: batches
   if made == final_eval:
     return False
   print(f"rescore ({made} -> {final_eval}): {run_dir}")
@@ -171,8 +168,8 @@ def shared_rows(shared: Iterable[dict[str, Any]], workdir: str) -> list[dict]:
   rows = []
   for run in shared:
     name = sweep.run_name(run)
-    rows.append(run_row(os.path.normpath(os.path.join(workdir, name)),
-                        os.path.basename(os.path.normpath(name)), -1))
+    rows.append(run_row(sweep.run_dir(name, workdir), os.path.basename(os.path.normpath(name)),
+                        -1))
   return rows
 
 
@@ -201,8 +198,7 @@ def expert_cosine(src: load.Source) -> float:
 
 def run_row(run_dir: str, arm: str, seed: int) -> dict[str, Any]:
   """One finished run's row (COLUMNS)."""
-  with open(os.path.join(run_dir, "final.json")) as f:
-    final = json.load(f)
+  final = sweep.read_final(run_dir)
   src = load.open_source(run_dir)
   loop = src.meta["provenance"]["train_config"]["loop"]
   steps, tokens = int(src.meta["step"]), int(src.meta["tokens_seen"])

@@ -173,10 +173,22 @@ def compute_line(rows: list[dict], shared: list[dict], processes: int = 1) -> st
   return line
 
 
-def compute_section(findings: list[study.Finding], root: str) -> list[str]:
+def run_layout(finding: study.Finding) -> str:
+  """A sentence on how the finding's runs went (its PROCESSES, then its RAN), or ''."""
+  parts = [finding.ran] if finding.ran else []
+  if finding.processes > 1:
+    cores = " / ".join(f"-c {i}" for i in range(finding.processes))
+    parts.insert(0, f"{finding.processes} processes side by side, each pinned to one core "
+                    f"(taskset {cores}), so their tokens/s and times are one core's")
+  return f" The runs went {'; '.join(parts)}." if parts else ""
+
+
+def compute_section(findings: list[study.Finding], root: str,
+                    tables: dict[str, list[dict]]) -> list[str]:
   """Markdown: each finding's training time on the machine (its runs' sum over the processes
-  that shared it), the shared runs once each (the longest build any finding recorded), and
-  the total; [] before any finding has results."""
+  that shared it), the shared runs once each (the longest build any finding recorded, from
+  `tables`, each finding's shared.csv rows), and the total; [] before any finding has
+  results."""
   rows, shared = [], {}
   for f in sorted(findings, key=lambda f: f.number):
     results = os.path.join(root, f.name, "results.csv")
@@ -184,7 +196,7 @@ def compute_section(findings: list[study.Finding], root: str) -> list[str]:
       continue
     own = sum(r["train_s"] for r in read_csv(results)) / 60
     rows.append((f"{f.number}. {f.name}", own, f.processes))
-    for r in read_csv(os.path.join(root, f.name, "shared.csv")):
+    for r in tables.get(f.name, []):
       shared[r["arm"]] = max(shared.get(r["arm"], 0.0), r["train_s"] / 60)
   if not rows:
     return []
@@ -408,7 +420,7 @@ def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[st
             *comparison_table(rows, finding.comparisons, finding.expected), ""]
   for png in sorted(p for p in os.listdir(out_dir) if p.endswith(".png")):
     lines += [f"![{finding.name} {png[:-4]}]({_link(os.path.join(out_dir, png), page_dir)})", ""]
-  ran = f" The runs went {finding.ran}." if finding.ran else ""
+  ran = run_layout(finding)
   lines += [f"**Re-run:** `{command}` ({finding.plan()}). Compute: "
             f"{compute_line(rows, shared, finding.processes)}.{ran}", "", "**What it says.**", ""]
   arms = by_arm(rows)
@@ -441,4 +453,4 @@ def render_page(findings: list[study.Finding], root: str, page_dir: str) -> str:
            "otherwise.", "", *seed_section(root, page_dir, tables)]
   for f in sorted(findings, key=lambda f: f.number):
     lines += finding_section(f, root, page_dir)
-  return "\n".join(lines + compute_section(findings, root))
+  return "\n".join(lines + compute_section(findings, root, tables))

@@ -114,13 +114,19 @@ def run_sweep(base: ml_collections.ConfigDict, sweep: Iterable[dict[str, Any]], 
   return [_row(o, workdir) for o in runs_]
 
 
-def _run_dir(name: str, workdir: str) -> str:
+def run_dir(name: str, workdir: str) -> str:
   """A run's directory; normalised, as `../x` under a workdir not made yet must resolve."""
   return os.path.normpath(os.path.join(workdir, name))
 
 
+def read_final(path: str) -> dict[str, Any]:
+  """The record a finished run left in its directory `path` (final.json)."""
+  with open(os.path.join(path, "final.json")) as f:
+    return json.load(f)
+
+
 def _finished(name: str, workdir: str) -> bool:
-  return os.path.exists(os.path.join(_run_dir(name, workdir), "final.json"))
+  return os.path.exists(os.path.join(run_dir(name, workdir), "final.json"))
 
 
 def _run_next(base, pending: list[dict[str, Any]], workdir: str, train_fn: Callable) -> bool:
@@ -134,7 +140,7 @@ def _run_next(base, pending: list[dict[str, Any]], workdir: str, train_fn: Calla
     elif all(_finished(p, workdir) for p in parents_of(overrides)):
       print(f"run: {name}")
       try:
-        train_fn(apply(base, resolve(overrides, workdir)), _run_dir(name, workdir))
+        train_fn(apply(base, resolve(overrides, workdir)), run_dir(name, workdir))
       except locks.Busy as e:
         print(f"busy, passed over: {e}")
         continue
@@ -145,8 +151,7 @@ def _run_next(base, pending: list[dict[str, Any]], workdir: str, train_fn: Calla
 
 def _row(overrides: dict[str, Any], workdir: str) -> dict[str, Any]:
   name = run_name(overrides)
-  with open(os.path.join(_run_dir(name, workdir), "final.json")) as f:
-    result = json.load(f)
+  result = read_final(run_dir(name, workdir))
   return {**overrides, "eval_loss": result.get("eval_loss"), "loss": result.get("loss"),
           "run": name}
 

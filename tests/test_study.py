@@ -2,6 +2,7 @@
 paired differences with standard errors and their verdicts, the results page, and a
 miniature of every configs/study module (CI keeps each finding runnable)."""
 import csv
+import dataclasses
 import glob
 import os
 
@@ -143,13 +144,18 @@ def test_trends_find_the_best_arm_and_rank_correlations():
   assert out[1] == "highest training throughput: lr2 (2000 tokens/s, 2.00x the slowest, lr1)"
 
 
-def test_expected_signs_must_name_a_comparison(tmp_path):
+def _stub_module(tmp_path, head: str) -> str:
+  """bad.py: a study config module of one arm 'a' and no shared runs, after `head`."""
   path = tmp_path / "bad.py"
-  path.write_text("COMPARISONS = (('a', 'b'),)\nEXPECTED = {('b', 'a'): 'lower'}\nSEEDS = 1\n"
-                  "def arms(arg=None):\n  yield {'name': 'a'}\n"
+  path.write_text(head + "SEEDS = 1\ndef arms(arg=None):\n  yield {'name': 'a'}\n"
                   "def shared(arg=None):\n  return ()\n")
+  return str(path)
+
+
+def test_expected_signs_must_name_a_comparison(tmp_path):
+  path = _stub_module(tmp_path, "COMPARISONS = (('a', 'b'),)\nEXPECTED = {('b', 'a'): 'lower'}\n")
   with pytest.raises(ValueError, match=r"bad.py: EXPECTED\[\('b', 'a'\)\]='lower'"):
-    study.Finding.load(str(path))
+    study.Finding.load(path)
 
 
 def test_the_results_page_lists_a_finding_not_run_with_its_command(tmp_path):
@@ -196,21 +202,29 @@ def test_the_compute_section_divides_side_by_side_runs_and_counts_a_shared_run_o
   write("one", [600, 600], 1800)     # 20 min on both cores
   write("two", [1200, 1200], 2400)   # 40 min over 2 processes
   findings = [finding("two", 2, 2), finding("one", 1, 1), finding("unrun", 3, 1)]
-  lines = study_report.compute_section(findings, str(tmp_path))
+  tables = {n: study_report.read_csv(str(tmp_path / n / "shared.csv")) for n in ("one", "two")}
+  lines = study_report.compute_section(findings, str(tmp_path), tables)
   assert lines[-5:] == ["| 1. one | 20 | 1 | 20 |", "| 2. two | 40 | 2 | 20 |",
                         "| shared: seed | 40 | 1 | 40 |",
                         "| **all** | 100 | | **80** (1.3 h; 2.7 core-hours) |", ""]
-  assert study_report.compute_section([finding("unrun", 3, 1)], str(tmp_path)) == []
+  assert study_report.compute_section([finding("unrun", 3, 1)], str(tmp_path), tables) == []
   line = study_report.compute_line(study_report.read_csv(str(tmp_path / "two" / "results.csv")),
                                    [], 2)
   assert line == "2 runs, 40 min of training, about 20 min of the machine's time with 2 side by side"
 
 
 def test_a_finding_says_how_many_processes_shared_the_machine(tmp_path):
-  path = tmp_path / "bad.py"
-  path.write_text("COMPARISONS = ()\nSEEDS = 1\nPROCESSES = 0\n"
-                  "def arms(arg=None):\n  yield {'name': 'a'}\n"
-                  "def shared(arg=None):\n  return ()\n")
+  path = _stub_module(tmp_path, "COMPARISONS = ()\nPROCESSES = 0\n")
   with pytest.raises(ValueError, match=r"bad.py: PROCESSES=0: expected a positive integer"):
-    study.Finding.load(str(path))
-  assert study.Finding.load(os.path.join(ROOT, "configs", "study", "upcycling.py")).processes == 2
+    study.Finding.load(path)
+  upcycling = study.Finding.load(os.path.join(ROOT, "configs", "study", "upcycling.py"))
+  assert upcycling.processes == 2
+  assert study_report.run_layout(upcycling) == (
+      " The runs went 2 processes side by side, each pinned to one core (taskset -c 0 / -c 1), "
+      "so their tokens/s and times are one core's.")
+  ran = dataclasses.replace(upcycling, ran="on another path")
+  assert study_report.run_layout(ran).endswith("one core's; on another path.")
+  alone = dataclasses.replace(upcycling, processes=1)
+  assert study_report.run_layout(alone) == ""
+  assert study_report.run_layout(dataclasses.replace(ran, processes=1)) == (
+      " The runs went on another path.")

@@ -16,9 +16,6 @@ from moe_jax.train import flops
 from moe_jax.upcycle import convert, methods
 
 SEED = "../seed"  # the shared run's directory, relative to a finding's workdir
-# How a finding's runs went when one process per core shared them (a config's RAN).
-PINNED_PAIR = ("two processes side by side, each pinned to one core (taskset -c 0 / -c 1), "
-               "so their tokens/s and times are one core's")
 
 
 def base(runlocal: bool, steps: int) -> ml_collections.ConfigDict:

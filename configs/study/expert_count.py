@@ -17,9 +17,8 @@ COMPARISONS = tuple((f"e{e}", f"e{e // 2}") for e in COUNTS[1:])
 EXPECTED = {pair: "lower" for pair in COMPARISONS}
 AXIS = ("upcycle.num_experts", "experts E")
 SEEDS = 3
-# How the committed runs were laid out (the results page says it beside their times).
+# The committed runs went one process per core, side by side (the results page says so).
 PROCESSES = 2
-RAN = common.PINNED_PAIR
 
 
 get_config, shared = common.interface(steps=150)

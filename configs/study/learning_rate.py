@@ -19,9 +19,8 @@ COMPARISONS = tuple((f"lr{r:g}", "lr3e-05") for r in RATES[1:])
 EXPECTED = {("lr0.001", "lr3e-05"): "lower"}
 AXIS = ("optim.lr", "peak learning rate")
 SEEDS = 3
-# How the committed runs were laid out (the results page says it beside their times).
+# The committed runs went one process per core, side by side (the results page says so).
 PROCESSES = 2
-RAN = common.PINNED_PAIR
 
 
 get_config, shared = common.interface(steps=200)

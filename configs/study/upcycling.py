@@ -24,9 +24,8 @@ EXPECTED = {("upcycled", "dense"): "lower", ("upcycled", "scratch_moe"): "lower"
 
 COMPARISONS = (("upcycled", "dense"), ("upcycled", "scratch_moe"), ("upcycled", "dense_flops"))
 SEEDS = 3
-# How the committed runs were laid out (the results page says it beside their times).
+# The committed runs went one process per core, side by side (the results page says so).
 PROCESSES = 2
-RAN = common.PINNED_PAIR
 
 
 get_config, shared = common.interface(steps=300, experts=8)
