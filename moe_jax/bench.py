@@ -22,15 +22,29 @@ def _time(fn, args) -> float:
   return time.perf_counter() - t0
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU's model name as the kernel reports it ('' where it does not): ratios on CPU
+  differ between hosts of the same core count (docs/benchmarks.md), so results name it."""
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return ""
+
+
 def provenance(binary: str) -> dict:
   """Where and how a benchmark's figures were made, for its --out JSON: the command (this
   process's flags), the machine (and the cores this process may run on, when pinned), the
   device, jax's version and the date."""
   cores = os.cpu_count()
   usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+  model = cpu_model()
   return {"command": f"python -m {binary} " + " ".join(sys.argv[1:]),
-          "machine": f"{platform.machine()}, " + (f"{cores} cores" if usable == cores else
-                                                  f"{usable} of {cores} cores (pinned)"),
+          "machine": f"{platform.machine()}" + (f" ({model})" if model else "") + ", " + (
+              f"{cores} cores" if usable == cores else f"{usable} of {cores} cores (pinned)"),
           "device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": datetime.date.today().isoformat()}
 

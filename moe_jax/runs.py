@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 
@@ -15,7 +14,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from moe_jax import checkpoint, locks, sharding
+from moe_jax import checkpoint, locks, sharding, sweep
 from moe_jax import evaluate as eval_lib, generation
 from moe_jax.convert import load
 from moe_jax.data import corpus, pipeline
@@ -275,12 +274,10 @@ def rescore(run_dir: str, final_eval: str = "split") -> dict:
   config.loop.final_eval = final_eval
   tok = src.tokenizer()
   eval_docs = data_documents(config, data_texts(config), tok)[1]
-  final = os.path.join(run_dir, "final.json")
-  with open(final) as f:
-    record = json.load(f)
+  record = sweep.read_final(run_dir)
   record.setdefault("sample_eval_loss", record.get("eval_loss"))
   record.update(final_scores(src.model(), config, tok, eval_docs), final_eval=final_eval)
-  checkpoint.write_json_atomic(final, record)
+  checkpoint.write_json_atomic(sweep.final_path(run_dir), record)
   return record
 
 
@@ -338,11 +335,9 @@ def _train_model(config, workdir: str):
   last = loop_lib.train(model, train_docs, eval_docs, loop_cfg, opt_cfg, workdir, mesh=mesh,
                         meta=meta, resume_step=plan.resume_step or 0)
   model = layer_stack.unstack_layers(model)
-  final = os.path.join(workdir, "final.json")
+  final = sweep.final_path(workdir)
   if not last and os.path.exists(final):  # finished before: nothing trained, keep its record
-    with open(final) as f:
-      last = json.load(f)
-    return model, last
+    return model, sweep.read_final(workdir)
   if loop_cfg.eval_batches:  # the loop's last evaluation is the 'batches' score
     whole = loop_cfg.final_eval == "split"
     sample = {"sample_eval_loss": last.get("eval_loss")} if whole else {}

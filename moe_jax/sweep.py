@@ -119,14 +119,20 @@ def run_dir(name: str, workdir: str) -> str:
   return os.path.normpath(os.path.join(workdir, name))
 
 
+def final_path(path: str) -> str:
+  """Where a run in directory `path` leaves its record when it finishes (runs.train_model
+  writes it; a sweep takes a run that has one as done)."""
+  return os.path.join(path, "final.json")
+
+
 def read_final(path: str) -> dict[str, Any]:
-  """The record a finished run left in its directory `path` (final.json)."""
-  with open(os.path.join(path, "final.json")) as f:
+  """The record a finished run left in its directory `path` (final_path)."""
+  with open(final_path(path)) as f:
     return json.load(f)
 
 
 def _finished(name: str, workdir: str) -> bool:
-  return os.path.exists(os.path.join(run_dir(name, workdir), "final.json"))
+  return os.path.exists(final_path(run_dir(name, workdir)))
 
 
 def _run_next(base, pending: list[dict[str, Any]], workdir: str, train_fn: Callable) -> bool:

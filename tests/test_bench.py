@@ -90,3 +90,14 @@ def test_provenance_names_the_cores_a_pinned_process_may_use(monkeypatch):
   assert bench.provenance("x")["machine"].endswith(", 1 of 4 cores (pinned)")
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
   assert bench.provenance("x")["machine"].endswith(", 4 cores")
+
+
+def test_provenance_names_the_cpu_model(tmp_path):
+  """Results name the CPU model (/proc/cpuinfo's first 'model name'), '' where unknown."""
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Test CPU 9000 @ 3GHz\n"
+                  "processor\t: 1\nmodel name\t: Other\n")
+  assert bench.cpu_model(str(info)) == "Test CPU 9000 @ 3GHz"
+  assert bench.cpu_model(str(tmp_path / "missing")) == ""
+  info.write_text("processor\t: 0\n")
+  assert bench.cpu_model(str(info)) == ""

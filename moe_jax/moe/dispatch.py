@@ -222,19 +222,27 @@ def capacity_einsum(x_TxD, routing, w_gate, w_up, w_down, cfg):
 
 # ---------------------------------------------------------------- dropless, CPU fast path
 
-def block_size(num_assignments: int, num_experts: int, max_block: int = 512) -> int:
+def block_size(num_assignments: int, num_experts: int, max_block: int = 1024) -> int:
   """Rows per block: the next power of two of the mean group size, in [8, max_block]."""
   mean = max(1, num_assignments // num_experts)
   return int(min(max_block, max(8, 1 << (mean - 1).bit_length())))
 
 
-def block_levels(num_assignments: int, num_experts: int, max_block: int = 512,
-                 ratio: int = 4, depth: int = 3) -> tuple[int, ...]:
+def block_levels(num_assignments: int, num_experts: int, max_block: int = 1024,
+                 ratio: int = 2, depth: int = 4) -> tuple[int, ...]:
   """Block sizes, largest first: `block_size`, then each `ratio` times smaller, down to
   8 rows and at most `depth` of them. An expert's group is cut into as many blocks of
   the largest size as fit, then of the next, and its last rows are padded to a whole
   block of the smallest: at most smallest - 1 padding rows per expert, where one block
-  size pads up to largest - 1 (a quarter of the rows at 64 fine-grained experts)."""
+  size pads up to largest - 1 (a quarter of the rows at 64 fine-grained experts).
+
+  Each iteration of the block loop costs a fixed price on CPU besides its products
+  (slicing the expert's weights, gathering and scattering the rows, dispatching each
+  op to the threads), so the defaults trade a little padding (less than an eighth of
+  the largest block per expert) for few iterations: with ratio 2, after as many of the
+  largest blocks as fit, an expert has at most one block of each middle level and two
+  of the smallest. Measured in
+  docs/benchmarks.md ("Fewer, larger blocks")."""
   levels = [block_size(num_assignments, num_experts, max_block)]
   while len(levels) < depth and levels[-1] // ratio >= 8:
     levels.append(levels[-1] // ratio)
@@ -406,7 +414,7 @@ def _grouped(x_SxD, slots: Slots, weight_N, num_groups: int, k: int, levels, w_g
                         blocks.n_blocks, regions)
 
 
-def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 512):
+def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 1024):
   """No token dropped: assignments sorted by expert, each expert's group cut into blocks
   of decreasing size (block_levels), through `grouped_swiglu`, which applies the routing
   weights and sums each token's assignments itself."""
@@ -419,7 +427,7 @@ def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 512):
   return y, jnp.float32(0.0)
 
 
-def capacity_grouped(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 512):
+def capacity_grouped(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 1024):
   """Capacity semantics (the assignments beyond an expert's C slots dropped, as
   capacity_layout drops them) on dropless's block loop: each expert's kept assignments
   are its group, the dropped ones a padding group E that is laid out but never
