@@ -287,16 +287,18 @@ def test_block_layout_pads_each_group_to_the_smallest_block(t, e, k, skew):
   routing = routers.route(logits, MoeConfig(num_experts=e, top_k=k, expert_dim=4))
   slots = dispatch.sort_slots(routing, e)
   levels = dispatch.block_levels(t * k, e)
-  blocks, regions, rows = dispatch.block_layout(slots, e, levels)
+  blocks, rows = dispatch.block_layout(slots, e, levels)
   dest, expert = np.asarray(blocks.dest_N), np.asarray(slots.expert_N)
   assert len(set(dest.tolist())) == dest.size and dest.max() < rows
+  assert rows == t * k + e * (levels[-1] - 1)  # the most any routing pads to
   computed = np.zeros(e, int)
   row_expert = np.full(rows, -1)
-  for region, be, n in zip(regions, blocks.block_expert, blocks.n_blocks):
+  for size, be, n, offset in zip(levels, *blocks.loop):
     for b in range(int(n)):
-      start = region.offset + b * region.block
-      row_expert[start:start + region.block] = int(be[b])
-      computed[int(be[b])] += region.block
+      start = int(offset) + b * size
+      assert start + size <= rows and np.all(row_expert[start:start + size] == -1)
+      row_expert[start:start + size] = int(be[b])
+      computed[int(be[b])] += size
   np.testing.assert_array_equal(row_expert[dest], expert)
   sizes = np.bincount(expert, minlength=e)
   assert np.all(computed >= sizes) and np.all(computed - sizes < levels[-1])

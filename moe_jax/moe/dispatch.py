@@ -249,16 +249,17 @@ def block_levels(num_assignments: int, num_experts: int, max_block: int = 1024,
   return tuple(levels)
 
 
-class Region(NamedTuple):
-  """A static stretch of the row buffer cut into blocks of one size."""
-  offset: int              # first row
-  block: int               # rows per block
+class BlockLoop(NamedTuple):
+  """What the block loop needs of a routing, per level of `block_levels` (all traced):
+  the buffer holds one region per level, cut into blocks of that level's size."""
+  block_expert: tuple           # the expert of each block
+  n_blocks: tuple               # occupied blocks (scalars)
+  offsets: tuple                # first row (scalars)
 
 
 class Blocks(NamedTuple):
   dest_N: jax.Array             # row of each sorted assignment in the padded buffer
-  block_expert: tuple           # per region: the expert of each block
-  n_blocks: tuple               # per region: occupied blocks (traced scalars)
+  loop: BlockLoop
 
 
 def _region_bounds(n: int, num_groups: int, levels: tuple[int, ...]) -> list[int]:
@@ -275,16 +276,20 @@ def _region_bounds(n: int, num_groups: int, levels: tuple[int, ...]) -> list[int
 
 
 def block_layout(slots: Slots, num_groups: int, levels: tuple[int, ...],
-                 computed_groups: int | None = None) -> tuple[Blocks, tuple[Region, ...], int]:
-  """(blocks, the regions, buffer rows): each group's sorted assignments, cut as
+                 computed_groups: int | None = None) -> tuple[Blocks, int]:
+  """(blocks, buffer rows): each group's sorted assignments, cut as
   `block_levels` says, to rows of one region per block size. The first
   `computed_groups` groups' blocks are counted as occupied (all by default; the padding
-  group of `grouped_rows` is left out)."""
+  group of `grouped_rows` is left out). Each region starts where the one before ends
+  for this routing, so the buffer holds n + num_groups * (smallest block - 1) rows: the
+  most any routing pads to, where regions at fixed offsets would need room for each
+  one's worst case (twice n at 64 experts)."""
   n = slots.order_N.shape[0]
   computed = num_groups if computed_groups is None else computed_groups
   remaining, starts = slots.sizes_E, jnp.zeros_like(slots.sizes_E)  # a group's first rank
   dest = jnp.zeros_like(slots.rank_N)
-  regions, block_expert, n_blocks, offset = [], [], [], 0
+  block_expert, n_blocks, offsets = [], [], []
+  offset = jnp.zeros((), jnp.int32)
   for j, (size, bound) in enumerate(zip(levels, _region_bounds(n, num_groups, levels))):
     last = j == len(levels) - 1
     count = -(-remaining // size) if last else remaining // size  # blocks per group
@@ -297,10 +302,12 @@ def block_layout(slots: Slots, num_groups: int, levels: tuple[int, ...],
     block_expert.append(jnp.minimum(jnp.searchsorted(ends, block_start, side="right"),
                                     computed - 1).astype(jnp.int32))
     n_blocks.append((jnp.sum(count[:computed])).astype(jnp.int32))
-    regions.append(Region(offset, size))
-    offset += bound * size
+    offsets.append(offset)
+    offset = offset + (jnp.sum(count) * size).astype(jnp.int32)
     starts, remaining = starts + rows, remaining - rows
-  return Blocks(dest.astype(jnp.int32), tuple(block_expert), tuple(n_blocks)), tuple(regions), offset
+  blocks = Blocks(dest.astype(jnp.int32),
+                  BlockLoop(tuple(block_expert), tuple(n_blocks), tuple(offsets)))
+  return blocks, n + num_groups * (levels[-1] - 1)
 
 
 def _rows(a, start, block):
@@ -311,10 +318,14 @@ def _put(a, rows, start):
   return jax.lax.dynamic_update_slice_in_dim(a, rows, start, 0)
 
 
-def _region_loop(region: Region, n_blocks, body, carry):
-  """fori_loop of body(first row, block index, carry) over the region's occupied blocks."""
-  return jax.lax.fori_loop(
-      0, n_blocks, lambda b, c: body(region.offset + b * region.block, b, c), carry)
+def _block_loops(levels: tuple[int, ...], loop: BlockLoop, body, carry):
+  """body(first row, block rows, its expert, carry) over each region's occupied blocks,
+  region by region (a fori_loop each)."""
+  for size, experts, n, offset in zip(levels, *loop):
+    carry = jax.lax.fori_loop(
+        0, n, lambda b, c, size=size, experts=experts, offset=offset: body(
+            offset + b * size, size, experts[b], c), carry)
+  return carry
 
 
 def _add_rows(acc_SxD, src, rows):
@@ -324,79 +335,77 @@ def _add_rows(acc_SxD, src, rows):
   return acc_SxD.at[src].add(rows, mode="promise_in_bounds")
 
 
-def _grouped_fwd(x_SxD, w_R, w_gu, w_down, src_R, block_expert, n_blocks, regions):
+def _grouped_fwd(x_SxD, w_R, w_gu, w_down, src_R, loop, levels):
   s, d = x_SxD.shape
   x_pad = _pad_row(x_SxD)
-  out = (jnp.zeros((s + 1, d), x_SxD.dtype),
-         jnp.zeros((w_R.shape[0], w_gu.shape[-1]), x_SxD.dtype))
-  for region, experts, n in zip(regions, block_expert, n_blocks):
-    def body(start, b, carry, size=region.block, experts=experts):
-      y, gu_buf = carry
-      src = _rows(src_R, start, size)
-      xb, e = x_pad[src], experts[b]
-      gu = xb @ w_gu[e]
-      g, u = jnp.split(gu, 2, axis=-1)
-      yb = ((jax.nn.silu(g) * u) @ w_down[e]) * _rows(w_R, start, size)[:, None]
-      return _add_rows(y, src, yb), _put(gu_buf, gu, start)
-    out = _region_loop(region, n, body, out)
-  y_pad, gu_RxF2 = out
+
+  def body(start, size, e, carry):
+    y, gu_buf = carry
+    src = _rows(src_R, start, size)
+    gu = x_pad[src] @ w_gu[e]
+    g, u = jnp.split(gu, 2, axis=-1)
+    yb = ((jax.nn.silu(g) * u) @ w_down[e]) * _rows(w_R, start, size)[:, None]
+    return _add_rows(y, src, yb), _put(gu_buf, gu, start)
+
+  y_pad, gu_RxF2 = _block_loops(levels, loop, body, (
+      jnp.zeros((s + 1, d), x_SxD.dtype), jnp.zeros((w_R.shape[0], w_gu.shape[-1]), x_SxD.dtype)))
   return y_pad[:s], gu_RxF2
 
 
-def _grouped_bwd(x_SxD, w_R, gu_RxF2, dy_SxD, w_gu, w_down, src_R, block_expert, n_blocks,
-                 regions):
+def _grouped_bwd(x_SxD, w_R, gu_RxF2, dy_SxD, w_gu, w_down, src_R, loop, levels):
   s, d = x_SxD.shape
   x_pad, dy_pad = _pad_row(x_SxD), _pad_row(dy_SxD)
-  carry = (jnp.zeros((s + 1, d), x_SxD.dtype), jnp.zeros_like(w_R),
-           jnp.zeros_like(w_gu), jnp.zeros_like(w_down))
-  for region, experts, n in zip(regions, block_expert, n_blocks):
-    def body(start, b, carry, size=region.block, experts=experts):
-      dx, dw, dwgu, dwd = carry
-      src = _rows(src_R, start, size)
-      xb, dy = x_pad[src], dy_pad[src]
-      g, u = jnp.split(_rows(gu_RxF2, start, size), 2, axis=-1)
-      e, wb = experts[b], _rows(w_R, start, size)[:, None]
-      sig = jax.nn.sigmoid(g)
-      silu = g * sig
-      h = silu * u
-      dh_unweighted = dy @ w_down[e].T
-      # d(routing weight) = <dy, h Wd> = <dy Wd^T, h>: no stored expert outputs needed.
-      dw = _put(dw, jnp.sum(dh_unweighted * h, axis=-1), start)
-      dh = dh_unweighted * wb
-      dgu = jnp.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * silu], axis=-1)
-      dwd = dwd.at[e].add(h.T @ (dy * wb))
-      dwgu = dwgu.at[e].add(xb.T @ dgu)
-      return _add_rows(dx, src, dgu @ w_gu[e].T), dw, dwgu, dwd
-    carry = _region_loop(region, n, body, carry)
-  dx_pad, *grads = carry
+
+  def body(start, size, e, carry):
+    dx, dw, dwgu, dwd = carry
+    src = _rows(src_R, start, size)
+    xb, dy = x_pad[src], dy_pad[src]
+    g, u = jnp.split(_rows(gu_RxF2, start, size), 2, axis=-1)
+    wb = _rows(w_R, start, size)[:, None]
+    sig = jax.nn.sigmoid(g)
+    silu = g * sig
+    h = silu * u
+    dh_unweighted = dy @ w_down[e].T
+    # d(routing weight) = <dy, h Wd> = <dy Wd^T, h>: no stored expert outputs needed.
+    dw = _put(dw, jnp.sum(dh_unweighted * h, axis=-1), start)
+    dh = dh_unweighted * wb
+    dgu = jnp.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * silu], axis=-1)
+    dwd = dwd.at[e].add(h.T @ (dy * wb))
+    dwgu = dwgu.at[e].add(xb.T @ dgu)
+    return _add_rows(dx, src, dgu @ w_gu[e].T), dw, dwgu, dwd
+
+  dx_pad, *grads = _block_loops(levels, loop, body, (
+      jnp.zeros((s + 1, d), x_SxD.dtype), jnp.zeros_like(w_R), jnp.zeros_like(w_gu),
+      jnp.zeros_like(w_down)))
   return (dx_pad[:s], *grads)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, block_expert, n_blocks,
-                   regions: tuple[Region, ...]):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, loop: BlockLoop,
+                   levels: tuple[int, ...]):
   """[S, D]: source row s gets the sum over the buffer rows r with src_R[r] = s of
   w_R[r] * swiglu_{expert of r's block}(x_SxD[s]), the buffer rows being cut into the
-  `regions`' blocks (block_layout). `w_gu` is [E, D, 2F], each expert's gate and up
+  blocks of the `levels` sizes (block_layout). `w_gu` is [E, D, 2F], each expert's gate and up
   projections side by side, so a block's input goes through one [D, 2F] matmul (and,
   backwards, one for its input gradient and one for the weights' gradient) instead of
   two half as wide: on CPU, wider products use the cores better. Each block reads its
   input rows from x_SxD (src_R[r] = S for an empty row) and adds its outputs into their
   sources inside the loop, and the backward reads the output gradient and adds the
   input gradient the same way, so no [rows, D] array is ever made. Only each region's
-  first n_blocks blocks are computed. Custom VJP: one fused loop backwards."""
-  return _grouped_fwd(x_SxD, w_R, w_gu, w_down, src_R, block_expert, n_blocks, regions)[0]
+  first loop.n_blocks blocks, from row loop.offsets, are computed. Custom VJP: one fused
+  loop backwards."""
+  return _grouped_fwd(x_SxD, w_R, w_gu, w_down, src_R, loop, levels)[0]
 
 
-def _grouped_vjp_fwd(x, w_r, w_gu, wd, src_R, block_expert, n_blocks, regions):
-  y, gu = _grouped_fwd(x, w_r, w_gu, wd, src_R, block_expert, n_blocks, regions)
-  return y, (x, w_r, gu, w_gu, wd, src_R, block_expert, n_blocks)
+def _grouped_vjp_fwd(x, w_r, w_gu, wd, src_R, loop, levels):
+  y, gu = _grouped_fwd(x, w_r, w_gu, wd, src_R, loop, levels)
+  return y, (x, w_r, gu, w_gu, wd, src_R, loop)
 
 
-def _grouped_vjp_bwd(regions, res, dy):
-  x, w_r, gu, w_gu, wd, src_R, block_expert, n_blocks = res
-  grads = _grouped_bwd(x, w_r, gu, dy, w_gu, wd, src_R, block_expert, n_blocks, regions)
-  return (*grads, None, None, None)
+def _grouped_vjp_bwd(levels, res, dy):
+  x, w_r, gu, w_gu, wd, src_R, loop = res
+  grads = _grouped_bwd(x, w_r, gu, dy, w_gu, wd, src_R, loop, levels)
+  return (*grads, None, None)
 
 
 grouped_swiglu.defvjp(_grouped_vjp_fwd, _grouped_vjp_bwd)
@@ -405,13 +414,12 @@ grouped_swiglu.defvjp(_grouped_vjp_fwd, _grouped_vjp_bwd)
 def _grouped(x_SxD, slots: Slots, weight_N, num_groups: int, k: int, levels, w_gate, w_up,
              w_down, computed_groups: int | None = None):
   """The sorted assignments of S sources (k each) through `grouped_swiglu`."""
-  blocks, regions, rows = block_layout(slots, num_groups, levels, computed_groups)
+  blocks, rows = block_layout(slots, num_groups, levels, computed_groups)
   layout = Layout(slots.order_N, blocks.dest_N, weight_N, rows, k)
   src_R = _sources(_assignments(layout), k, x_SxD.shape[0])
   w_R = jnp.zeros((rows,), x_SxD.dtype).at[blocks.dest_N].set(weight_N.astype(x_SxD.dtype))
   w_gu = jnp.concatenate([w_gate, w_up], axis=-1)
-  return grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, blocks.block_expert,
-                        blocks.n_blocks, regions)
+  return grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, blocks.loop, levels)
 
 
 def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 1024):
