@@ -335,29 +335,38 @@ def _add_rows(acc_SxD, src, rows):
   return acc_SxD.at[src].add(rows, mode="promise_in_bounds")
 
 
-def _grouped_fwd(x_SxD, w_R, w_gu, w_down, src_R, loop, levels):
+def _gate_up(w_gate, w_up, e):
+  """[D, 2F]: expert e's gate and up projections side by side (sliced per block: one
+  copy of the block's expert either way, where a whole [E, D, 2F] concatenation outside
+  the loop cost as much again, and its gradient's split a second time)."""
+  return jnp.concatenate([w_gate[e], w_up[e]], axis=-1)
+
+
+def _grouped_fwd(x_SxD, w_R, w_gate, w_up, w_down, src_R, loop, levels):
   s, d = x_SxD.shape
   x_pad = _pad_row(x_SxD)
 
   def body(start, size, e, carry):
     y, gu_buf = carry
     src = _rows(src_R, start, size)
-    gu = x_pad[src] @ w_gu[e]
+    gu = x_pad[src] @ _gate_up(w_gate, w_up, e)
     g, u = jnp.split(gu, 2, axis=-1)
     yb = ((jax.nn.silu(g) * u) @ w_down[e]) * _rows(w_R, start, size)[:, None]
     return _add_rows(y, src, yb), _put(gu_buf, gu, start)
 
   y_pad, gu_RxF2 = _block_loops(levels, loop, body, (
-      jnp.zeros((s + 1, d), x_SxD.dtype), jnp.zeros((w_R.shape[0], w_gu.shape[-1]), x_SxD.dtype)))
+      jnp.zeros((s + 1, d), x_SxD.dtype), jnp.zeros((w_R.shape[0], 2 * w_gate.shape[-1]),
+                                                    x_SxD.dtype)))
   return y_pad[:s], gu_RxF2
 
 
-def _grouped_bwd(x_SxD, w_R, gu_RxF2, dy_SxD, w_gu, w_down, src_R, loop, levels):
+def _grouped_bwd(x_SxD, w_R, gu_RxF2, dy_SxD, w_gate, w_up, w_down, src_R, loop, levels):
   s, d = x_SxD.shape
+  f = w_gate.shape[-1]
   x_pad, dy_pad = _pad_row(x_SxD), _pad_row(dy_SxD)
 
   def body(start, size, e, carry):
-    dx, dw, dwgu, dwd = carry
+    dx, dw, dwg, dwu, dwd = carry
     src = _rows(src_R, start, size)
     xb, dy = x_pad[src], dy_pad[src]
     g, u = jnp.split(_rows(gu_RxF2, start, size), 2, axis=-1)
@@ -371,22 +380,23 @@ def _grouped_bwd(x_SxD, w_R, gu_RxF2, dy_SxD, w_gu, w_down, src_R, loop, levels)
     dh = dh_unweighted * wb
     dgu = jnp.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * silu], axis=-1)
     dwd = dwd.at[e].add(h.T @ (dy * wb))
-    dwgu = dwgu.at[e].add(xb.T @ dgu)
-    return _add_rows(dx, src, dgu @ w_gu[e].T), dw, dwgu, dwd
+    dwgu = xb.T @ dgu
+    dwg, dwu = dwg.at[e].add(dwgu[:, :f]), dwu.at[e].add(dwgu[:, f:])
+    return (_add_rows(dx, src, dgu @ _gate_up(w_gate, w_up, e).T), dw, dwg, dwu, dwd)
 
   dx_pad, *grads = _block_loops(levels, loop, body, (
-      jnp.zeros((s + 1, d), x_SxD.dtype), jnp.zeros_like(w_R), jnp.zeros_like(w_gu),
-      jnp.zeros_like(w_down)))
+      jnp.zeros((s + 1, d), x_SxD.dtype), jnp.zeros_like(w_R), jnp.zeros_like(w_gate),
+      jnp.zeros_like(w_up), jnp.zeros_like(w_down)))
   return (dx_pad[:s], *grads)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, loop: BlockLoop,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def grouped_swiglu(x_SxD, w_R, w_gate, w_up, w_down, src_R, loop: BlockLoop,
                    levels: tuple[int, ...]):
   """[S, D]: source row s gets the sum over the buffer rows r with src_R[r] = s of
   w_R[r] * swiglu_{expert of r's block}(x_SxD[s]), the buffer rows being cut into the
-  blocks of the `levels` sizes (block_layout). `w_gu` is [E, D, 2F], each expert's gate and up
-  projections side by side, so a block's input goes through one [D, 2F] matmul (and,
+  blocks of the `levels` sizes (block_layout). Each block takes its expert's gate and up
+  projections side by side (`_gate_up`), so its input goes through one [D, 2F] matmul (and,
   backwards, one for its input gradient and one for the weights' gradient) instead of
   two half as wide: on CPU, wider products use the cores better. Each block reads its
   input rows from x_SxD (src_R[r] = S for an empty row) and adds its outputs into their
@@ -394,17 +404,17 @@ def grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, loop: BlockLoop,
   input gradient the same way, so no [rows, D] array is ever made. Only each region's
   first loop.n_blocks blocks, from row loop.offsets, are computed. Custom VJP: one fused
   loop backwards."""
-  return _grouped_fwd(x_SxD, w_R, w_gu, w_down, src_R, loop, levels)[0]
+  return _grouped_fwd(x_SxD, w_R, w_gate, w_up, w_down, src_R, loop, levels)[0]
 
 
-def _grouped_vjp_fwd(x, w_r, w_gu, wd, src_R, loop, levels):
-  y, gu = _grouped_fwd(x, w_r, w_gu, wd, src_R, loop, levels)
-  return y, (x, w_r, gu, w_gu, wd, src_R, loop)
+def _grouped_vjp_fwd(x, w_r, wg, wu, wd, src_R, loop, levels):
+  y, gu = _grouped_fwd(x, w_r, wg, wu, wd, src_R, loop, levels)
+  return y, (x, w_r, gu, wg, wu, wd, src_R, loop)
 
 
 def _grouped_vjp_bwd(levels, res, dy):
-  x, w_r, gu, w_gu, wd, src_R, loop = res
-  grads = _grouped_bwd(x, w_r, gu, dy, w_gu, wd, src_R, loop, levels)
+  x, w_r, gu, wg, wu, wd, src_R, loop = res
+  grads = _grouped_bwd(x, w_r, gu, dy, wg, wu, wd, src_R, loop, levels)
   return (*grads, None, None)
 
 
@@ -418,8 +428,7 @@ def _grouped(x_SxD, slots: Slots, weight_N, num_groups: int, k: int, levels, w_g
   layout = Layout(slots.order_N, blocks.dest_N, weight_N, rows, k)
   src_R = _sources(_assignments(layout), k, x_SxD.shape[0])
   w_R = jnp.zeros((rows,), x_SxD.dtype).at[blocks.dest_N].set(weight_N.astype(x_SxD.dtype))
-  w_gu = jnp.concatenate([w_gate, w_up], axis=-1)
-  return grouped_swiglu(x_SxD, w_R, w_gu, w_down, src_R, blocks.loop, levels)
+  return grouped_swiglu(x_SxD, w_R, w_gate, w_up, w_down, src_R, blocks.loop, levels)
 
 
 def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 1024):
