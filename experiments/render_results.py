@@ -66,10 +66,14 @@ def layer(r: dict) -> str:
            for x in r.get("transformers", [])}
   vs = lambda x: (f" {x['moe_s'] / peers[(x['E'], x['f'], x['k'])]:.3f} |"
                   if (x["E"], x["f"], x["k"]) in peers else " |")
+  mem = all("moe_temp_bytes" in x for x in r["layer"])  # recorded since 2026-12-05
+  mib = lambda x: (f" {x['moe_temp_bytes'] / 2**20:.0f} | {x['dense_temp_bytes'] / 2**20:.0f} |"
+                   if mem else "")
   rows = ["| E | f | k | backend | MoE fwd+bwd s | dense fwd+bwd s | MoE / dense | MoE / "
-          "fastest transformers block |", "|---|---|---|---|---|---|---|---|"]
+          "fastest transformers block |" + (" MoE temp MiB | dense temp MiB |" if mem else ""),
+          "|---|---|---|---|---|---|---|---|" + ("---|---|" if mem else "")]
   rows += [f"| {x['E']} | {x['f']} | {x['k']} | {x['backend']} | {x['moe_s']:.5f} | "
-           f"{x['dense_s']:.5f} | {x['ratio']:.3f} |" + vs(x) for x in r["layer"]]
+           f"{x['dense_s']:.5f} | {x['ratio']:.3f} |" + vs(x) + mib(x) for x in r["layer"]]
   if r.get("transformers"):
     rows += ["", "| transformers block (torch) | E | f | k | implementation | fwd+bwd s | "
              "its dense s | block / its dense |", "|---|---|---|---|---|---|---|---|"]

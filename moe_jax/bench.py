@@ -84,6 +84,7 @@ def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
 
   fns = {"moe": (jax.jit(jax.grad(moe_loss, argnums=(0, 1, 2, 3))), (x, *experts)),
          "dense": (jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3))), (x, *dense))}
+  temp = {name: temp_bytes(fn, args) for name, (fn, args) in fns.items()}
   med = alternate(fns, repeats)
   ratio = med["moe"] / med["dense"]
   resolved = dispatch.resolve_backend(backend)
@@ -91,9 +92,17 @@ def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
   print(f"T={t} d={d} f={f} E={e} k={k} dtype={dtype} backend={backend} router={router} "
         f"capacity_factor={capacity_factor} device={jax.devices()[0].device_kind}")
   print(f"moe_fwd_bwd_s={med['moe']:.4f} dense_fwd_bwd_s={med['dense']:.4f}")
+  print(f"moe_temp_mib={temp['moe'] / 2**20:.1f} dense_temp_mib={temp['dense'] / 2**20:.1f}")
   print(f"ratio={ratio:.3f}")
   return {"T": t, "d": d, "f": f, "E": e, "k": k, "dtype": dtype, "backend": backend,
-          "moe_s": med["moe"], "dense_s": med["dense"], "ratio": ratio}
+          "moe_s": med["moe"], "dense_s": med["dense"], "ratio": ratio,
+          "moe_temp_bytes": temp["moe"], "dense_temp_bytes": temp["dense"]}
+
+
+def temp_bytes(jitted, args) -> int:
+  """The temporary buffers XLA allocates for one call of `jitted` on `args`
+  (compiled memory_analysis: activations and workspace, not arguments or outputs)."""
+  return int(jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
 def bench_floor(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int) -> dict:

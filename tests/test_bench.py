@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import subproc
@@ -101,3 +103,9 @@ def test_provenance_names_the_cpu_model(tmp_path):
   assert bench.cpu_model(str(tmp_path / "missing")) == ""
   info.write_text("processor\t: 0\n")
   assert bench.cpu_model(str(info)) == ""
+
+
+def test_temp_bytes_counts_a_materialised_intermediate():
+  """(x @ x) @ x needs x @ x in a temporary buffer: 128*128 float32 at least."""
+  x = jnp.ones((128, 128), jnp.float32)
+  assert bench.temp_bytes(jax.jit(lambda x: (x @ x) @ x), (x,)) >= 128 * 128 * 4
