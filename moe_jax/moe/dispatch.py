@@ -241,8 +241,7 @@ def block_levels(num_assignments: int, num_experts: int, max_block: int = 1024,
   op to the threads), so the defaults trade a little padding (less than an eighth of
   the largest block per expert) for few iterations: with ratio 2, after as many of the
   largest blocks as fit, an expert has at most one block of each middle level and two
-  of the smallest. Measured in
-  docs/benchmarks.md ("An Intel Xeon host")."""
+  of the smallest. Measured in docs/benchmarks.md ("An Intel Xeon host")."""
   levels = [block_size(num_assignments, num_experts, max_block)]
   while len(levels) < depth and levels[-1] // ratio >= 8:
     levels.append(levels[-1] // ratio)
