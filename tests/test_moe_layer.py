@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from moe_jax.moe import dispatch, layer, losses, routers
 from moe_jax.moe.config import MoeConfig
+from moe_jax.moe.routers import Routing
 
 SETTINGS = settings(max_examples=12, deadline=None)
 
@@ -302,3 +303,32 @@ def test_block_layout_pads_each_group_to_the_smallest_block(t, e, k, skew):
   np.testing.assert_array_equal(row_expert[dest], expert)
   sizes = np.bincount(expert, minlength=e)
   assert np.all(computed >= sizes) and np.all(computed - sizes < levels[-1])
+
+
+def test_block_layout_cuts_each_group_into_the_fewest_blocks():
+  """A group's rows, padded to whole smallest blocks, are cut greedily from the largest
+  level: 1000 rows are one block of 1024, not 512 + 256 + 128 + 128."""
+  sizes = [1000, 1025, 384, 0, 128, 2100]
+  experts = np.random.default_rng(0).permutation(np.repeat(np.arange(len(sizes)), sizes))
+  routing = Routing(jnp.ones((experts.size, 1)), jnp.asarray(experts, jnp.int32)[:, None], None)
+  levels = (1024, 512, 256, 128)
+  blocks, _ = dispatch.block_layout(dispatch.sort_slots(routing, len(sizes)), len(sizes), levels)
+  got = [[] for _ in sizes]
+  for size, be, n, _ in zip(levels, *blocks.loop):
+    for b in range(int(n)):
+      got[int(be[b])].append(size)
+  assert got == [[1024], [1024, 128], [256, 128], [], [128], [1024, 1024, 128]]
+
+
+@pytest.mark.parametrize("num_experts", [5, 1 << 16])  # the packed int32 key, and argsort
+def test_sort_slots_is_a_stable_sort_by_expert(num_experts):
+  experts = np.random.default_rng(1).integers(0, 5, (6000, 4))
+  routing = Routing(jnp.ones(experts.shape), jnp.asarray(experts, jnp.int32), None)
+  slots = dispatch.sort_slots(routing, num_experts)
+  order = np.argsort(experts.reshape(-1), kind="stable")
+  np.testing.assert_array_equal(slots.order_N, order)
+  np.testing.assert_array_equal(slots.expert_N, experts.reshape(-1)[order])
+  sizes = np.bincount(experts.reshape(-1), minlength=num_experts)
+  np.testing.assert_array_equal(slots.sizes_E, sizes)
+  np.testing.assert_array_equal(slots.rank_N, np.arange(order.size) - (np.cumsum(sizes) - sizes)[
+      experts.reshape(-1)[order]])

@@ -60,13 +60,18 @@ def sort_slots(routing: Routing, num_experts: int, priority_N: jax.Array | None 
   else by token position."""
   experts_N = routing.experts_TxK.reshape(-1)
   n = experts_N.shape[0]
-  if priority_N is None:
-    order = jnp.argsort(experts_N, stable=True)
+  if priority_N is None and num_experts * n <= jnp.iinfo(jnp.int32).max:
+    # One int32 key, expert * n + position, is unique, so an unstable sort of it is the
+    # stable argsort by expert: on CPU a third of the time of an argsort (a sort of the
+    # keys with an index operand compared through its comparator).
+    key_N = jnp.sort(experts_N.astype(jnp.int32) * n + jnp.arange(n, dtype=jnp.int32))
+    order, expert_sorted = key_N % n, key_N // n
   else:
-    order = jnp.lexsort((priority_N, experts_N))
+    order = (jnp.argsort(experts_N, stable=True) if priority_N is None
+             else jnp.lexsort((priority_N, experts_N)))
+    expert_sorted = experts_N[order]
   sizes = jnp.zeros((num_experts,), jnp.int32).at[experts_N].add(1)
   starts = jnp.cumsum(sizes) - sizes
-  expert_sorted = experts_N[order]
   rank = jnp.arange(n, dtype=jnp.int32) - starts[expert_sorted]
   return Slots(order.astype(jnp.int32), expert_sorted, rank, sizes)
 
@@ -231,17 +236,17 @@ def block_size(num_assignments: int, num_experts: int, max_block: int = 1024) ->
 def block_levels(num_assignments: int, num_experts: int, max_block: int = 1024,
                  ratio: int = 2, depth: int = 4) -> tuple[int, ...]:
   """Block sizes, largest first: `block_size`, then each `ratio` times smaller, down to
-  8 rows and at most `depth` of them. An expert's group is cut into as many blocks of
-  the largest size as fit, then of the next, and its last rows are padded to a whole
-  block of the smallest: at most smallest - 1 padding rows per expert, where one block
-  size pads up to largest - 1 (a quarter of the rows at 64 fine-grained experts).
+  8 rows and at most `depth` of them. An expert's group is padded to a whole number of
+  the smallest blocks and cut into as many of the largest as fit, then of the next
+  (block_layout): at most smallest - 1 padding rows per expert, where one block size
+  pads up to largest - 1 (a quarter of the rows at 64 fine-grained experts).
 
   Each iteration of the block loop costs a fixed price on CPU besides its products
   (slicing the expert's weights, gathering and scattering the rows, dispatching each
   op to the threads), so the defaults trade a little padding (less than an eighth of
   the largest block per expert) for few iterations: with ratio 2, after as many of the
-  largest blocks as fit, an expert has at most one block of each middle level and two
-  of the smallest. Measured in docs/benchmarks.md ("An Intel Xeon host")."""
+  largest blocks as fit, an expert has at most one block of each smaller level
+  (block_layout). Measured in docs/benchmarks.md ("An Intel Xeon host")."""
   levels = [block_size(num_assignments, num_experts, max_block)]
   while len(levels) < depth and levels[-1] // ratio >= 8:
     levels.append(levels[-1] // ratio)
@@ -261,37 +266,47 @@ class Blocks(NamedTuple):
   loop: BlockLoop
 
 
+def _level_units(levels: tuple[int, ...]) -> list[int]:
+  """Each level's block size in blocks of the smallest (every level is a multiple of it)."""
+  if any(size % levels[-1] for size in levels) or list(levels) != sorted(set(levels))[::-1]:
+    raise ValueError(f"block levels {levels}: expected decreasing multiples of the last")
+  return [size // levels[-1] for size in levels]
+
+
 def _region_bounds(n: int, num_groups: int, levels: tuple[int, ...]) -> list[int]:
-  """Blocks each level can need, over any split of n assignments into num_groups groups
-  (level j's blocks per group are fewer than levels[j-1] // levels[j])."""
-  bounds = []
-  for j, size in enumerate(levels):
-    last = j == len(levels) - 1
-    bound = -(-(n + num_groups * (size - 1)) // size) if last else n // size
-    if j:
-      bound = min(bound, num_groups * (levels[j - 1] // size - (0 if last else 1)))
-    bounds.append(bound)
-  return bounds
+  """Blocks each level can need, over any split of n assignments into num_groups groups:
+  every group pads to less than one smallest block, so level j holds at most
+  (n + num_groups * (smallest - 1)) // levels[j] blocks, and below the largest level at
+  most (levels[j-1] - 1) // levels[j] blocks per group (the greedy cut of block_layout)."""
+  padded = n + num_groups * (levels[-1] - 1)
+  return [padded // size if j == 0 else min(padded // size,
+                                            num_groups * ((levels[j - 1] - 1) // size))
+          for j, size in enumerate(levels)]
 
 
 def block_layout(slots: Slots, num_groups: int, levels: tuple[int, ...],
                  computed_groups: int | None = None) -> tuple[Blocks, int]:
-  """(blocks, buffer rows): each group's sorted assignments, cut as
-  `block_levels` says, to rows of one region per block size. The first
-  `computed_groups` groups' blocks are counted as occupied (all by default; the padding
-  group of `grouped_rows` is left out). Each region starts where the one before ends
-  for this routing, so the buffer holds n + num_groups * (smallest block - 1) rows: the
-  most any routing pads to, where regions at fixed offsets would need room for each
+  """(blocks, buffer rows): each group's sorted assignments, padded to a whole number of
+  the smallest blocks and cut greedily, largest level first, into blocks of the `levels`
+  sizes (for the powers of two of `block_levels`, the fewest blocks: a group of 1000 rows
+  at 1024/512/256/128 is one block of 1024, not 512 + 256 + 128 + 128, and no group
+  pads more than with a cut into the smallest blocks), one region per block size. The
+  first `computed_groups` groups' blocks are counted as occupied (all by default; the
+  padding group of `grouped_rows` is left out). Each region starts where the one before
+  ends for this routing, so the buffer holds n + num_groups * (smallest block - 1) rows:
+  the most any routing pads to, where regions at fixed offsets would need room for each
   one's worst case (twice n at 64 experts)."""
   n = slots.order_N.shape[0]
   computed = num_groups if computed_groups is None else computed_groups
-  remaining, starts = slots.sizes_E, jnp.zeros_like(slots.sizes_E)  # a group's first rank
+  units = _level_units(levels)
+  left_E = -(-slots.sizes_E // levels[-1])  # the group's rows in smallest blocks, to cut
+  starts = jnp.zeros_like(slots.sizes_E)  # each group's first rank in the current level
   dest = jnp.zeros_like(slots.rank_N)
   block_expert, n_blocks, offsets = [], [], []
   offset = jnp.zeros((), jnp.int32)
   for j, (size, bound) in enumerate(zip(levels, _region_bounds(n, num_groups, levels))):
-    last = j == len(levels) - 1
-    count = -(-remaining // size) if last else remaining // size  # blocks per group
+    count = left_E // units[j]
+    left_E = left_E - count * units[j]
     rows = count * size
     ends = jnp.cumsum(rows)
     first = starts[slots.expert_N]
@@ -303,7 +318,7 @@ def block_layout(slots: Slots, num_groups: int, levels: tuple[int, ...],
     n_blocks.append((jnp.sum(count[:computed])).astype(jnp.int32))
     offsets.append(offset)
     offset = offset + (jnp.sum(count) * size).astype(jnp.int32)
-    starts, remaining = starts + rows, remaining - rows
+    starts = starts + rows
   blocks = Blocks(dest.astype(jnp.int32),
                   BlockLoop(tuple(block_expert), tuple(n_blocks), tuple(offsets)))
   return blocks, n + num_groups * (levels[-1] - 1)
