@@ -318,6 +318,8 @@ def test_block_layout_cuts_each_group_into_the_fewest_blocks():
     for b in range(int(n)):
       got[int(be[b])].append(size)
   assert got == [[1024], [1024, 128], [256, 128], [], [128], [1024, 1024, 128]]
+  with pytest.raises(ValueError, match="multiples of the last"):
+    dispatch.block_layout(dispatch.sort_slots(routing, len(sizes)), len(sizes), (1024, 384))
 
 
 @pytest.mark.parametrize("num_experts", [5, 1 << 16])  # the packed int32 key, and argsort
