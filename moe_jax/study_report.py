@@ -402,9 +402,11 @@ def scored_on(rows: list[dict]) -> str:
   return "held-out losses over a fixed sample of batches of the held-out split"
 
 
-def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[str]:
-  """One finding's section: question, claim, our tables and figures, the command and its
-  compute, and what the comparisons say; or that it has not been run."""
+def finding_section(finding: study.Finding, root: str, page_dir: str,
+                    shared: list[dict]) -> list[str]:
+  """One finding's section: question, claim, our tables and figures (`shared`: its
+  shared.csv rows), the command and its compute, and what the comparisons say; or that
+  it has not been run."""
   out_dir = os.path.join(root, finding.name)
   lines = [f"## {finding.number}. {finding.title}", "", f"**Question.** {finding.question}", "",
            f"**The paper's claim.** {finding.claim}", ""]
@@ -412,7 +414,7 @@ def finding_section(finding: study.Finding, root: str, page_dir: str) -> list[st
   results = os.path.join(out_dir, "results.csv")
   if not os.path.exists(results):
     return lines + [f"**Not run yet** ({finding.plan()}). Run: `{command}`.", ""]
-  rows, shared = read_csv(results), read_csv(os.path.join(out_dir, "shared.csv"))
+  rows = read_csv(results)
   seeds = min(len(v) for v in by_arm(rows).values())
   lines += [f"**Ours** ({seeds} seeds per arm; each arm's losses at its last step; "
             f"{scored_on(rows)}):", "",
@@ -452,5 +454,5 @@ def render_page(findings: list[study.Finding], root: str, page_dir: str) -> str:
            "machine, evaluation excluded, one process on both cores unless a finding says "
            "otherwise.", "", *seed_section(root, page_dir, tables)]
   for f in sorted(findings, key=lambda f: f.number):
-    lines += finding_section(f, root, page_dir)
+    lines += finding_section(f, root, page_dir, tables.get(f.name, []))
   return "\n".join(lines + compute_section(findings, root, tables))

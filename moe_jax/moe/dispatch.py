@@ -227,13 +227,18 @@ def capacity_einsum(x_TxD, routing, w_gate, w_up, w_down, cfg):
 
 # ---------------------------------------------------------------- dropless, CPU fast path
 
-def block_size(num_assignments: int, num_experts: int, max_block: int = 1024) -> int:
+# The largest block of the CPU block loop by default (docs/benchmarks.md, "An Intel Xeon
+# host": fewer loop iterations for a little padding).
+MAX_BLOCK = 1024
+
+
+def block_size(num_assignments: int, num_experts: int, max_block: int = MAX_BLOCK) -> int:
   """Rows per block: the next power of two of the mean group size, in [8, max_block]."""
   mean = max(1, num_assignments // num_experts)
   return int(min(max_block, max(8, 1 << (mean - 1).bit_length())))
 
 
-def block_levels(num_assignments: int, num_experts: int, max_block: int = 1024,
+def block_levels(num_assignments: int, num_experts: int, max_block: int = MAX_BLOCK,
                  ratio: int = 2, depth: int = 4) -> tuple[int, ...]:
   """Block sizes, largest first: `block_size`, then each `ratio` times smaller, down to
   8 rows and at most `depth` of them. An expert's group is padded to a whole number of
@@ -273,12 +278,18 @@ def _level_units(levels: tuple[int, ...]) -> list[int]:
   return [size // levels[-1] for size in levels]
 
 
+def _buffer_rows(n: int, num_groups: int, levels: tuple[int, ...]) -> int:
+  """The most rows any routing of n assignments into num_groups groups pads to: each
+  group pads to less than one smallest block."""
+  return n + num_groups * (levels[-1] - 1)
+
+
 def _region_bounds(n: int, num_groups: int, levels: tuple[int, ...]) -> list[int]:
   """Blocks each level can need, over any split of n assignments into num_groups groups:
   every group pads to less than one smallest block, so level j holds at most
   (n + num_groups * (smallest - 1)) // levels[j] blocks, and below the largest level at
   most (levels[j-1] - 1) // levels[j] blocks per group (the greedy cut of block_layout)."""
-  padded = n + num_groups * (levels[-1] - 1)
+  padded = _buffer_rows(n, num_groups, levels)
   return [padded // size if j == 0 else min(padded // size,
                                             num_groups * ((levels[j - 1] - 1) // size))
           for j, size in enumerate(levels)]
@@ -321,7 +332,7 @@ def block_layout(slots: Slots, num_groups: int, levels: tuple[int, ...],
     starts = starts + rows
   blocks = Blocks(dest.astype(jnp.int32),
                   BlockLoop(tuple(block_expert), tuple(n_blocks), tuple(offsets)))
-  return blocks, n + num_groups * (levels[-1] - 1)
+  return blocks, _buffer_rows(n, num_groups, levels)
 
 
 def _rows(a, start, block):
@@ -445,7 +456,7 @@ def _grouped(x_SxD, slots: Slots, weight_N, num_groups: int, k: int, levels, w_g
   return grouped_swiglu(x_SxD, w_R, w_gate, w_up, w_down, src_R, blocks.loop, levels)
 
 
-def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 1024):
+def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = MAX_BLOCK):
   """No token dropped: assignments sorted by expert, each expert's group cut into blocks
   of decreasing size (block_levels), through `grouped_swiglu`, which applies the routing
   weights and sums each token's assignments itself."""
@@ -458,7 +469,7 @@ def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 1024):
   return y, jnp.float32(0.0)
 
 
-def capacity_grouped(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = 1024):
+def capacity_grouped(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = MAX_BLOCK):
   """Capacity semantics (the assignments beyond an expert's C slots dropped, as
   capacity_layout drops them) on dropless's block loop: each expert's kept assignments
   are its group, the dropped ones a padding group E that is laid out but never
