@@ -202,12 +202,13 @@ def test_the_compute_section_divides_side_by_side_runs_and_counts_a_shared_run_o
   write("one", [600, 600], 1800)     # 20 min on both cores
   write("two", [1200, 1200], 2400)   # 40 min over 2 processes
   findings = [finding("two", 2, 2), finding("one", 1, 1), finding("unrun", 3, 1)]
-  tables = {n: study_report.read_csv(str(tmp_path / n / "shared.csv")) for n in ("one", "two")}
-  lines = study_report.compute_section(findings, str(tmp_path), tables)
+  read = lambda name: {n: study_report.read_csv(str(tmp_path / n / name)) for n in ("one", "two")}
+  results, tables = read("results.csv"), read("shared.csv")
+  lines = study_report.compute_section(findings, results, tables)
   assert lines[-5:] == ["| 1. one | 20 | 1 | 20 |", "| 2. two | 40 | 2 | 20 |",
                         "| shared: seed | 40 | 1 | 40 |",
                         "| **all** | 100 | | **80** (1.3 h; 2.7 core-hours) |", ""]
-  assert study_report.compute_section([finding("unrun", 3, 1)], str(tmp_path), tables) == []
+  assert study_report.compute_section([finding("unrun", 3, 1)], results, tables) == []
   line = study_report.compute_line(study_report.read_csv(str(tmp_path / "two" / "results.csv")),
                                    [], 2)
   assert line == "2 runs, 40 min of training, about 20 min of the machine's time with 2 side by side"
