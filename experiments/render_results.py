@@ -81,12 +81,15 @@ def layer(r: dict) -> str:
              f"{impl} | {x['seconds'][impl]:.5f} | {x['seconds']['dense']:.5f} | "
              f"{x['ratio'][impl]:.3f} |" for x in r["transformers"] for impl in x["ratio"]]
   if r.get("floor"):
+    loop = all("loop_ratio" in x for x in r["floor"])  # recorded since 2026-12-05
     rows += ["", "| the experts alone, rows pre-grouped (E, f, k) | forward s | dense forward s | "
-             "forward ratio | fwd+bwd s | dense fwd+bwd s | fwd+bwd ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "forward ratio | fwd+bwd s | dense fwd+bwd s | fwd+bwd ratio |" + (
+                 " block loop, equal groups, fwd+bwd s | its ratio |" if loop else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if loop else "")]
     rows += [f"| {x['E']}, {x['f']}, {x['k']} | {x['seconds']['floor_fwd']:.5f} | "
              f"{x['seconds']['dense_fwd']:.5f} | {x['fwd_ratio']:.3f} | "
-             f"{x['seconds']['floor']:.5f} | {x['seconds']['dense']:.5f} | {x['ratio']:.3f} |"
+             f"{x['seconds']['floor']:.5f} | {x['seconds']['dense']:.5f} | {x['ratio']:.3f} |" + (
+                 f" {x['seconds']['loop']:.5f} | {x['loop_ratio']:.3f} |" if loop else "")
              for x in r["floor"]]
   if r["gmm"]:
     names = list(r["gmm"][0]["tflops"])

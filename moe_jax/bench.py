@@ -14,6 +14,7 @@ import numpy as np
 from moe_jax.models import layers
 from moe_jax.moe import dispatch, layer
 from moe_jax.moe.config import MoeConfig
+from moe_jax.moe.routers import Routing
 
 
 def _time(fn, args) -> float:
@@ -107,12 +108,28 @@ def temp_bytes(compiled) -> int:
   return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
+def _equal_groups_loop(t: int, k: int, num_experts: int, dtype):
+  """loss(x_TxD, w_gate, w_up, w_down): dropless's block loop (`dispatch.grouped_swiglu`)
+  on a routing that gives every expert exactly T*k/E assignments (assignment a = t*k + j to
+  expert a mod E, weight 1), its layout made here, outside the timed function: the layer's
+  products, row moves and per-block costs with no router, no sort and no padding."""
+  experts_TxK = (jnp.arange(t * k, dtype=jnp.int32) % num_experts).reshape(t, k)
+  slots = dispatch.sort_slots(Routing(jnp.ones((t, k), dtype), experts_TxK, None), num_experts)
+  levels = dispatch.block_levels(t * k, num_experts)
+  w_R, src_R, loop = dispatch.grouped_layout(slots, jnp.ones((t * k,), dtype), num_experts, k,
+                                             levels, t, dtype)
+  return lambda x, *w: jnp.sum(dispatch.grouped_swiglu(x, w_R, *w, src_R, loop, levels).astype(
+      jnp.float32))
+
+
 def bench_floor(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int) -> dict:
   """What the expert shapes alone cost on this device, with no router and no permutation:
   the E experts' SwiGLU on T*k rows already grouped into E equal [T*k/E, d] slabs (E
   separate SwiGLUs, each its own matmuls) against the dense SwiGLU of width k*f, both
   forward only and forward+backward, alternating. Equal FLOPs; a ratio above 1 is the
-  price of the narrower products (d -> f instead of d -> k*f), which no dispatch removes."""
+  price of the narrower products (d -> f instead of d -> k*f), which no dispatch removes.
+  Also forward+backward of dropless's block loop on the same rows (`_equal_groups_loop`):
+  the layer with its routing, sort and padding taken out."""
   dt = jnp.dtype(dtype)
   ks = jax.random.split(jax.random.key(1), 8)
   c = t * k // e
@@ -132,12 +149,16 @@ def bench_floor(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int
   med = alternate({"floor_fwd": (jax.jit(floor), (x_grouped, *experts)),
                    "dense_fwd": (jax.jit(dense_fn), (x, *dense)),
                    "floor": (grad(floor), (x_grouped, *experts)),
+                   "loop": (grad(_equal_groups_loop(t, k, e, dt)),
+                            (x, *(jnp.stack(p) for p in experts))),
                    "dense": (grad(dense_fn), (x, *dense))}, repeats)
   print(f"floor E={e} f={f} k={k}: experts on grouped rows / dense: forward "
         f"{med['floor_fwd'] / med['dense_fwd']:.3f}, forward+backward "
-        f"{med['floor'] / med['dense']:.3f}", flush=True)
+        f"{med['floor'] / med['dense']:.3f}; the block loop on the same rows / dense: "
+        f"{med['loop'] / med['dense']:.3f}", flush=True)
   return {"T": t, "d": d, "f": f, "E": e, "k": k, "dtype": dtype, "seconds": med,
-          "fwd_ratio": med["floor_fwd"] / med["dense_fwd"], "ratio": med["floor"] / med["dense"]}
+          "fwd_ratio": med["floor_fwd"] / med["dense_fwd"], "ratio": med["floor"] / med["dense"],
+          "loop_ratio": med["loop"] / med["dense"]}
 
 
 def bench_transformers(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int,

@@ -109,3 +109,21 @@ def test_temp_bytes_counts_a_materialised_intermediate():
   """(x @ x) @ x needs x @ x in a temporary buffer: 128*128 float32 at least."""
   x = jnp.ones((128, 128), jnp.float32)
   assert bench.temp_bytes(jax.jit(lambda x: (x @ x) @ x).lower(x).compile()) >= 128 * 128 * 4
+
+
+def test_the_equal_groups_loop_is_every_token_through_its_k_experts():
+  """bench_floor's block loop (bench._equal_groups_loop) computes the layer for assignment
+  t*k + j to expert (t*k + j) mod E, weight 1: plain jnp SwiGLUs summed over every token."""
+  t, d, f, e, k = 48, 8, 4, 6, 2
+  ks = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(ks[0], (t, d))
+  wg, wu, wd = (jax.random.normal(key, shape) for key, shape in
+                zip(ks[1:], ((e, d, f), (e, d, f), (e, f, d))))
+  expert_TxK = (jnp.arange(t * k) % e).reshape(t, k)
+  want = 0.0
+  for j in range(k):
+    g, u, dn = (w[expert_TxK[:, j]] for w in (wg, wu, wd))  # [T, ...]: each token's expert
+    h = jax.nn.silu(jnp.einsum("td,tdf->tf", x, g)) * jnp.einsum("td,tdf->tf", x, u)
+    want += jnp.einsum("tf,tfd->td", h, dn).sum()
+  got = bench._equal_groups_loop(t, k, e, jnp.float32)(x, wg, wu, wd)
+  assert jnp.allclose(got, want, rtol=1e-5), (got, want)

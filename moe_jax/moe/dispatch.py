@@ -446,14 +446,23 @@ def _grouped_vjp_bwd(levels, res, dy):
 grouped_swiglu.defvjp(_grouped_vjp_fwd, _grouped_vjp_bwd)
 
 
+def grouped_layout(slots: Slots, weight_N, num_groups: int, k: int, levels, num_sources: int,
+                   dtype, computed_groups: int | None = None):
+  """(w_R, src_R, loop): the arguments of `grouped_swiglu` for the sorted assignments of
+  num_sources sources (k each) cut into blocks of the `levels` sizes (block_layout)."""
+  blocks, rows = block_layout(slots, num_groups, levels, computed_groups)
+  layout = Layout(slots.order_N, blocks.dest_N, weight_N, rows, k)
+  src_R = _sources(_assignments(layout), k, num_sources)
+  w_R = jnp.zeros((rows,), dtype).at[blocks.dest_N].set(weight_N.astype(dtype))
+  return w_R, src_R, blocks.loop
+
+
 def _grouped(x_SxD, slots: Slots, weight_N, num_groups: int, k: int, levels, w_gate, w_up,
              w_down, computed_groups: int | None = None):
   """The sorted assignments of S sources (k each) through `grouped_swiglu`."""
-  blocks, rows = block_layout(slots, num_groups, levels, computed_groups)
-  layout = Layout(slots.order_N, blocks.dest_N, weight_N, rows, k)
-  src_R = _sources(_assignments(layout), k, x_SxD.shape[0])
-  w_R = jnp.zeros((rows,), x_SxD.dtype).at[blocks.dest_N].set(weight_N.astype(x_SxD.dtype))
-  return grouped_swiglu(x_SxD, w_R, w_gate, w_up, w_down, src_R, blocks.loop, levels)
+  w_R, src_R, loop = grouped_layout(slots, weight_N, num_groups, k, levels, x_SxD.shape[0],
+                                    x_SxD.dtype, computed_groups)
+  return grouped_swiglu(x_SxD, w_R, w_gate, w_up, w_down, src_R, loop, levels)
 
 
 def dropless(x_TxD, routing, w_gate, w_up, w_down, cfg, max_block: int = MAX_BLOCK):
