@@ -109,25 +109,28 @@ def _assignments(layout: Layout) -> jax.Array:
 
 
 def _sources(assign_R: jax.Array, k: int, num_sources: int) -> jax.Array:
-  """src_R: the source (token) of each buffer row's assignment, num_sources (the padding
-  row) where the row is empty."""
+  """src_R: the source (token) of each buffer row's assignment, num_sources (one past the
+  end: a zero row to _get_rows, dropped by _add_rows) where the row is empty."""
   return jnp.where(assign_R < num_sources * k, assign_R // k, num_sources)
 
 
-def _pad_row(x_MxD: jax.Array) -> jax.Array:
-  return jnp.concatenate([x_MxD, jnp.zeros((1, x_MxD.shape[1]), x_MxD.dtype)])
+def _get_rows(x_MxD, index):
+  """x[index[i]], zero where index[i] >= M (one past the end marks an empty or dropped
+  row). Read in place: appending a zero row to index into cost a fresh [M + 1, D] copy of
+  x on every call."""
+  return x_MxD.at[index].get(mode="fill", fill_value=0)
 
 
 def _sum_rows(y_RxD, dest_SxK):
   """[S, D]: source s's rows dest_SxK[s] summed (`rows`, one past the end, adds nothing)."""
   s, k = dest_SxK.shape
-  return _pad_row(y_RxD)[dest_SxK.reshape(-1)].reshape(s, k, -1).sum(1)
+  return _get_rows(y_RxD, dest_SxK.reshape(-1)).reshape(s, k, -1).sum(1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _to_rows(x_TxD, dest_A, assign_R, k: int):
   """[R, D]: row r is token assign_R[r] // k (zero for an empty row)."""
-  return _pad_row(x_TxD)[_sources(assign_R, k, x_TxD.shape[0])]
+  return _get_rows(x_TxD, _sources(assign_R, k, x_TxD.shape[0]))
 
 
 def _to_rows_fwd(x_TxD, dest_A, assign_R, k):
@@ -146,7 +149,7 @@ _to_rows.defvjp(_to_rows_fwd, _to_rows_bwd)
 def _from_rows(y_RxD, w_A, dest_A, assign_R, k: int):
   """[T, D]: the sum over token t's k assignments a of w_A[a] * y[dest_A[a]]."""
   t = dest_A.shape[0] // k
-  y_A = _pad_row(y_RxD)[dest_A] * w_A[:, None]
+  y_A = _get_rows(y_RxD, dest_A) * w_A[:, None]
   return y_A.reshape(t, k, -1).sum(1)
 
 
@@ -156,10 +159,9 @@ def _from_rows_fwd(y_RxD, w_A, dest_A, assign_R, k):
 
 def _from_rows_bwd(k, res, dy_TxD):
   y_RxD, w_A, dest_A, assign_R = res
-  n = dest_A.shape[0]
   dy_A = jnp.repeat(dy_TxD, k, axis=0)  # assignment a = t * k + j belongs to token t
-  dw_A = jnp.sum(_pad_row(y_RxD)[dest_A] * dy_A, axis=-1).astype(w_A.dtype)
-  dy_R = _pad_row(dy_A * w_A[:, None].astype(dy_A.dtype))[jnp.minimum(assign_R, n)]
+  dw_A = jnp.sum(_get_rows(y_RxD, dest_A) * dy_A, axis=-1).astype(w_A.dtype)
+  dy_R = _get_rows(dy_A * w_A[:, None].astype(dy_A.dtype), assign_R)
   return dy_R, dw_A, None, None
 
 
@@ -354,10 +356,12 @@ def _block_loops(levels: tuple[int, ...], loop: BlockLoop, body, carry):
 
 
 def _add_rows(acc_SxD, src, rows):
-  """acc[src[i]] += rows[i]: a block's rows summed into their sources (padding rows into
-  the last, spare row). Inside the block loop this replaces a [rows, D] buffer and a
-  gather-and-sum after it, which on CPU cost more than the serial scatter."""
-  return acc_SxD.at[src].add(rows, mode="promise_in_bounds")
+  """acc[src[i]] += rows[i]: a block's rows summed into their sources (padding rows, whose
+  source is S, one past the end, dropped). Inside the block loop this replaces a
+  [rows, D] buffer and a gather-and-sum after it, which on CPU cost more than the serial
+  scatter."""
+  return acc_SxD.at[src].add(rows, mode="drop")
+
 
 
 def _gate_up(w_gate, w_up, e):
@@ -369,31 +373,29 @@ def _gate_up(w_gate, w_up, e):
 
 def _grouped_fwd(x_SxD, w_R, w_gate, w_up, w_down, src_R, loop, levels):
   s, d = x_SxD.shape
-  x_pad = _pad_row(x_SxD)
 
   def body(start, size, e, carry):
     y, gu_buf = carry
     src = _rows(src_R, start, size)
-    gu = x_pad[src] @ _gate_up(w_gate, w_up, e)
+    gu = _get_rows(x_SxD, src) @ _gate_up(w_gate, w_up, e)
     g, u = jnp.split(gu, 2, axis=-1)
     yb = ((jax.nn.silu(g) * u) @ w_down[e]) * _rows(w_R, start, size)[:, None]
     return _add_rows(y, src, yb), _put(gu_buf, gu, start)
 
-  y_pad, gu_RxF2 = _block_loops(levels, loop, body, (
-      jnp.zeros((s + 1, d), x_SxD.dtype), jnp.zeros((w_R.shape[0], 2 * w_gate.shape[-1]),
+  y, gu_RxF2 = _block_loops(levels, loop, body, (
+      jnp.zeros((s, d), x_SxD.dtype), jnp.zeros((w_R.shape[0], 2 * w_gate.shape[-1]),
                                                     x_SxD.dtype)))
-  return y_pad[:s], gu_RxF2
+  return y, gu_RxF2
 
 
 def _grouped_bwd(x_SxD, w_R, gu_RxF2, dy_SxD, w_gate, w_up, w_down, src_R, loop, levels):
   s, d = x_SxD.shape
   f = w_gate.shape[-1]
-  x_pad, dy_pad = _pad_row(x_SxD), _pad_row(dy_SxD)
 
   def body(start, size, e, carry):
     dx, dw, dwg, dwu, dwd = carry
     src = _rows(src_R, start, size)
-    xb, dy = x_pad[src], dy_pad[src]
+    xb, dy = _get_rows(x_SxD, src), _get_rows(dy_SxD, src)
     g, u = jnp.split(_rows(gu_RxF2, start, size), 2, axis=-1)
     wb = _rows(w_R, start, size)[:, None]
     sig = jax.nn.sigmoid(g)
@@ -409,10 +411,10 @@ def _grouped_bwd(x_SxD, w_R, gu_RxF2, dy_SxD, w_gate, w_up, w_down, src_R, loop,
     dwg, dwu = dwg.at[e].add(dwgu[:, :f]), dwu.at[e].add(dwgu[:, f:])
     return (_add_rows(dx, src, dgu @ _gate_up(w_gate, w_up, e).T), dw, dwg, dwu, dwd)
 
-  dx_pad, *grads = _block_loops(levels, loop, body, (
-      jnp.zeros((s + 1, d), x_SxD.dtype), jnp.zeros_like(w_R), jnp.zeros_like(w_gate),
+  dx, *grads = _block_loops(levels, loop, body, (
+      jnp.zeros((s, d), x_SxD.dtype), jnp.zeros_like(w_R), jnp.zeros_like(w_gate),
       jnp.zeros_like(w_up), jnp.zeros_like(w_down)))
-  return (dx_pad[:s], *grads)
+  return (dx, *grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
