@@ -363,7 +363,6 @@ def _add_rows(acc_SxD, src, rows):
   return acc_SxD.at[src].add(rows, mode="drop")
 
 
-
 def _gate_up(w_gate, w_up, e):
   """[D, 2F]: expert e's gate and up projections side by side (sliced per block: one
   copy of the block's expert either way, where a whole [E, D, 2F] concatenation outside
