@@ -4,7 +4,8 @@
 
 Each table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->`, and is
 rendered from docs/results/NAME.json by RENDERERS[NAME], or for the benchmark binaries'
---out files by the renderer of NAME's prefix (PREFIXES: kernels_*, layer_*, train_*).
+--out files by the renderer of NAME's prefix (PREFIXES: kernels_*, layer_*, train_*);
+summary_*.json lists layer results to sum up as ranges over runs.
 """
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+RESULTS = os.path.join(ROOT, "docs", "results")
 
 
 def generate_smollm2(r: dict) -> str:
@@ -119,8 +121,48 @@ def train(r: dict) -> str:
                     f"{r['runs'][0]['param_dtype']}", "", *rows])
 
 
+def _span(values: list[float]) -> str:
+  return (f"{min(values):.3f}" if len(values) == 1 or min(values) == max(values)
+          else f"{min(values):.3f}-{max(values):.3f}")
+
+
+def summary(r: dict) -> str:
+  """summary_*: the bench_moe --out files that r['runs'] names (RESULTS/NAME.json), each
+  ratio as its range over those runs, per shape and backend."""
+  runs = []
+  for name in r["runs"]:
+    with open(os.path.join(RESULTS, f"{name}.json"), encoding="utf-8") as f:
+      runs.append(json.load(f))
+  ratios, peers, floors, loops = {}, {}, {}, {}
+  for run in runs:
+    best = {(x["E"], x["f"], x["k"]): min(v for n, v in x["seconds"].items() if n != "dense")
+            for x in run.get("transformers", [])}
+    for x in run["layer"]:
+      key = (x["E"], x["f"], x["k"], x["backend"])
+      ratios.setdefault(key, []).append(x["ratio"])
+      if key[:3] in best:
+        peers.setdefault(key, []).append(x["moe_s"] / best[key[:3]])
+    for x in run.get("floor", []):
+      floors.setdefault((x["E"], x["f"], x["k"]), []).append(x["ratio"])
+      if "loop_ratio" in x:
+        loops.setdefault((x["E"], x["f"], x["k"]), []).append(x["loop_ratio"])
+  rows = ["| E | f | k | backend | MoE / dense | MoE / fastest transformers block | experts alone "
+          "(floor) / dense | block loop, equal groups / dense |", "|---|---|---|---|---|---|---|---|"]
+  for key, values in ratios.items():
+    shape = key[:3]
+    cell = lambda d, k: _span(d[k]) if k in d else ""
+    rows.append(f"| {' | '.join(map(str, key))} | {_span(values)} | {cell(peers, key)} | "
+                f"{cell(floors, shape)} | {cell(loops, shape)} |")
+  first = runs[0]
+  dates = sorted({run["date"] for run in runs})
+  return "\n".join([f"{len(runs)} runs ({', '.join(f'`{n}.json`' for n in r['runs'])}; "
+                    f"{first['machine']}, {first['device']}, jax {first['jax']}, "
+                    f"{', '.join(dates)}). The first: `{first['command']}`. Each cell is the "
+                    "range over the runs.", "", *rows])
+
+
 RENDERERS = {"generate_smollm2": generate_smollm2, "harness_smollm2": harness_smollm2}
-PREFIXES = {"kernels_": kernels, "layer_": layer, "train_": train}
+PREFIXES = {"kernels_": kernels, "layer_": layer, "train_": train, "summary_": summary}
 
 
 def renderer(name: str):
@@ -136,7 +178,7 @@ def renderer(name: str):
 def main() -> int:
   doc = open(DOC, encoding="utf-8").read()
   for name in re.findall(r"<!-- results:(\w+) -->", doc):
-    with open(os.path.join(ROOT, "docs", "results", f"{name}.json"), encoding="utf-8") as f:
+    with open(os.path.join(RESULTS, f"{name}.json"), encoding="utf-8") as f:
       table = renderer(name)(json.load(f))
     doc = re.sub(rf"(<!-- results:{name} -->\n)(.*?\n)?(<!-- /results:{name} -->)",
                  lambda m: m.group(1) + table + "\n" + m.group(3), doc, flags=re.S)

@@ -127,3 +127,25 @@ def test_the_equal_groups_loop_is_every_token_through_its_k_experts():
     want += jnp.einsum("tf,tfd->td", h, dn).sum()
   got = bench._equal_groups_loop(t, k, e, jnp.float32)(x, wg, wu, wd)
   assert jnp.allclose(got, want, rtol=1e-5), (got, want)
+
+
+def test_a_summary_gives_each_ratio_as_its_range_over_the_runs(tmp_path, monkeypatch):
+  """render_results.summary: bench_moe --out files named in a summary_*.json, each ratio
+  as min-max over the runs (the peer: MoE seconds over the fastest transformers block)."""
+  def run(name, ratio, moe_s, floor, loop=None):
+    r = {"command": f"python -m experiments.bench_moe --out={name}", "machine": "m",
+         "device": "cpu", "jax": "0", "date": "2026-12-05",
+         "layer": [{"E": 8, "f": 4, "k": 2, "backend": "dropless", "ratio": ratio,
+                    "moe_s": moe_s}],
+         "transformers": [{"E": 8, "f": 4, "k": 2,
+                           "seconds": {"eager": 2.0, "grouped_mm": 4.0, "dense": 1.0}}],
+         "floor": [{"E": 8, "f": 4, "k": 2, "ratio": floor,
+                    **({"loop_ratio": loop} if loop else {})}]}
+    (tmp_path / f"{name}.json").write_text(json.dumps(r))
+  run("a", 1.1, 1.0, 0.9, 1.0)
+  run("b", 1.3, 1.5, 0.95)
+  monkeypatch.setattr(render_results, "RESULTS", str(tmp_path))
+  table = render_results.renderer("summary_x")({"runs": ["a", "b"]}).splitlines()
+  assert table[0].startswith("2 runs (`a.json`, `b.json`; m, cpu, jax 0, 2026-12-05). "
+                             "The first: `python -m experiments.bench_moe --out=a`.")
+  assert table[-1] == "| 8 | 4 | 2 | dropless | 1.100-1.300 | 0.500-0.750 | 0.900-0.950 | 1.000 |"
