@@ -8,7 +8,10 @@ For each expert count of --experts (0 = the dense model) and, for MoEs, each bac
 shapes; MoEs copy-upcycled in every layer, top --topk) and times the train step of
 experiments.train on random tokens (moe_jax.bench.bench_train). Prints one `summary` line
 per model with tokens/s, model TFLOP/s and MFU (against the device's dense bf16 peak);
---out writes every figure as JSON, rewritten after each model.
+--out writes every figure as JSON, rewritten after each model. --alternate builds every
+model first and times them round by round in turn, so that their ratios are measured side
+by side in time (on CPU, where a VM's speed drifts between models measured one after
+another).
 """
 from absl import app, flags
 
@@ -27,26 +30,48 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16
                                  "Param (and optimizer state) dtype.")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "save_dots"], "Remat policy.")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Layers stored stacked, one scan.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (two rounds, the best).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (--rounds rounds, the best).")
+_ALTERNATE = flags.DEFINE_bool("alternate", False, "Build every model first, then time them "
+                                "round by round in turn (bench.bench_train_alternating): ratios "
+                                "side by side in time. Holds every model in memory at once.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Timed rounds per model; the best counts.")
 _OUT = flags.DEFINE_string("out", "", "Also write the figures as JSON to this path.")
+
+
+def _configs():
+  """[(experts, backend, cfg)]: each model of the flags, dense first where 0 is asked."""
+  out = []
+  for e in (int(x) for x in _EXPERTS.value):
+    for backend in _BACKEND.value if e else ["-"]:
+      moe = {"backend": backend} if e else {}
+      out.append((e, backend, bench.model_shape(_MODEL.value, e, _TOPK.value, **moe).replace(
+          dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=_REMAT.value,
+          scan_layers=_SCAN.value)))
+  return out
 
 
 def main(argv):
   del argv
-  result = {**bench.provenance("experiments.bench_train"), "runs": []}
+  result = {**bench.provenance("experiments.bench_train"), "alternated": _ALTERNATE.value,
+            "runs": []}
   rows = result["runs"]
-  for e in (int(x) for x in _EXPERTS.value):
-    for backend in _BACKEND.value if e else ["-"]:
-      moe = {"backend": backend} if e else {}
-      cfg = bench.model_shape(_MODEL.value, e, _TOPK.value, **moe).replace(
-          dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=_REMAT.value,
-          scan_layers=_SCAN.value)
-      r = bench.bench_train(cfg, _B.value, _L.value, _STEPS.value)
-      rows.append({"model": _MODEL.value, "experts": e, "top_k": _TOPK.value if e else 0,
-                   "backend": backend, "dtype": _DTYPE.value, "param_dtype": _PARAM_DTYPE.value,
-                   "remat": _REMAT.value, "scan_layers": _SCAN.value, **r})
-      if _OUT.value:  # after every model: a later one that fails leaves these
-        cli.main_guard(checkpoint.write_json_atomic, _OUT.value, result)
+
+  def record(e, backend, r):
+    rows.append({"model": _MODEL.value, "experts": e, "top_k": _TOPK.value if e else 0,
+                 "backend": backend, "dtype": _DTYPE.value, "param_dtype": _PARAM_DTYPE.value,
+                 "remat": _REMAT.value, "scan_layers": _SCAN.value, **r})
+    if _OUT.value:  # after every model: a later one that fails leaves these
+      cli.main_guard(checkpoint.write_json_atomic, _OUT.value, result)
+
+  models = _configs()
+  if _ALTERNATE.value:
+    figures = bench.bench_train_alternating([cfg for _, _, cfg in models], _B.value, _L.value,
+                                            _STEPS.value, _ROUNDS.value)
+    for (e, backend, _), r in zip(models, figures):
+      record(e, backend, r)
+  else:
+    for e, backend, cfg in models:
+      record(e, backend, bench.bench_train(cfg, _B.value, _L.value, _STEPS.value, _ROUNDS.value))
   for r in rows:
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
     print(f"summary model={r['model']} experts={r['experts']} backend={r['backend']} "

@@ -117,8 +117,10 @@ def train(r: dict) -> str:
                 f"({x['active_params'] / 1e6:.0f}M) | {x['batch']}x{x['length']} | "
                 f"{x['remat']} | {x['step_s'] * 1e3:.1f} | {rel} | {x['tokens_per_s']:.0f} | "
                 f"{x['model_tflops_per_s']:.3g} | {mfu} |")
+  order = ("; the models alternated round by round, each its best round" if r.get("alternated")
+           else "")
   return "\n".join([f"{_source(r)}; compute {r['runs'][0]['dtype']}, params "
-                    f"{r['runs'][0]['param_dtype']}", "", *rows])
+                    f"{r['runs'][0]['param_dtype']}{order}", "", *rows])
 
 
 def _span(values: list[float]) -> str:

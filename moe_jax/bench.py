@@ -386,12 +386,12 @@ def model_shape(name: str, experts: int = 0, top_k: int = 2, **moe) -> "ModelCon
   return cfg
 
 
-def bench_train(cfg, batch: int, length: int, steps: int, rounds: int = 2) -> dict:
-  """Training throughput of `cfg` (random weights) on random tokens: the train step of
-  experiments.train (AdamW, the layers stored stacked when cfg.scan_layers), `steps` steps
-  dispatched back to back per round, blocked at the round's end; the best round counts.
-  MFU is model FLOPs (train.flops: 6 x active params + attention, no recompute) over the
-  device's dense bf16 peak (None where unknown, e.g. CPU)."""
+def _train_runner(cfg, batch: int, length: int, steps: int):
+  """(run_round, figures): builds `cfg` (random weights) and the train step of
+  experiments.train (AdamW, the layers stored stacked when cfg.scan_layers), compiles it
+  and takes one step. run_round() dispatches `steps` steps back to back on random tokens,
+  blocks at the end and returns the seconds per step; figures() the model's sizes, init and
+  compile times and last loss."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from moe_jax.models import layer_stack, llama  # pylint: disable=g-import-not-at-top
   from moe_jax.train import flops, optim, step  # pylint: disable=g-import-not-at-top
@@ -402,39 +402,72 @@ def bench_train(cfg, batch: int, length: int, steps: int, rounds: int = 2) -> di
   optimizer = step.make_optimizer(model, optim.OptimConfig(total_steps=steps))
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   init_s = time.perf_counter() - t0
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, (batch, length + 1), dtype=np.int32)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length + 1),
+                                              dtype=np.int32)
   data = {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
           "positions": jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)),
           "segment_ids": jnp.ones((batch, length), jnp.int32),
           "loss_mask": jnp.ones((batch, length), jnp.float32)}
   key, lr = jax.random.key(0), jnp.float32(1e-4)
   t0 = time.perf_counter()
-  m = step.train_step(model, optimizer, data, key, lr)
-  jax.block_until_ready(m["loss"])
+  last = [step.train_step(model, optimizer, data, key, lr)]
+  jax.block_until_ready(last[0]["loss"])
   first_s = time.perf_counter() - t0  # compile + one step
-  best = float("inf")
-  for _ in range(rounds):
+
+  def run_round() -> float:
     t0 = time.perf_counter()
     for i in range(steps):
-      m = step.train_step(model, optimizer, data, jax.random.fold_in(key, i), lr)
-    jax.block_until_ready(m["loss"])
-    best = min(best, (time.perf_counter() - t0) / steps)
-  tps = batch * length / best
+      last[0] = step.train_step(model, optimizer, data, jax.random.fold_in(key, i), lr)
+    jax.block_until_ready(last[0]["loss"])
+    return (time.perf_counter() - t0) / steps
+
+  figures = lambda: {"params": int(params), "active_params": flops.active_params_per_token(cfg),
+                     "batch": batch, "length": length, "init_s": init_s,
+                     "first_step_s": first_s, "loss": float(last[0]["loss"])}
+  return run_round, figures
+
+
+def _train_result(cfg, figures: dict, step_s: float) -> dict:
+  """The train figures of one model at `step_s` seconds a step (tokens/s, model TFLOP/s,
+  MFU: model FLOPs, 6 x active params + attention with no recompute, over the device's
+  dense bf16 peak, None where unknown, e.g. CPU), printed as two lines."""
+  from moe_jax.train import flops  # pylint: disable=g-import-not-at-top
+  batch, length = figures["batch"], figures["length"]
+  tps = batch * length / step_s
   fpt = flops.train_flops_per_token(cfg, length)
   peak = flops.peak_flops_per_device()
-  out = {"params": int(params), "active_params": flops.active_params_per_token(cfg),
-         "batch": batch, "length": length, "init_s": init_s, "first_step_s": first_s,
-         "step_s": best, "tokens_per_s": tps, "model_tflops_per_s": tps * fpt / 1e12,
-         "mfu": tps * fpt / peak if peak else None, "loss": float(m["loss"]),
-         "device": jax.devices()[0].device_kind}
+  out = {**figures, "step_s": step_s, "tokens_per_s": tps, "model_tflops_per_s": tps * fpt / 1e12,
+         "mfu": tps * fpt / peak if peak else None, "device": jax.devices()[0].device_kind}
   moe = f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} backend={cfg.moe.backend}" \
       if cfg.moe else "dense"
-  print(f"{moe} params={params / 1e6:.1f}M active={out['active_params'] / 1e6:.1f}M "
+  print(f"{moe} params={out['params'] / 1e6:.1f}M active={out['active_params'] / 1e6:.1f}M "
         f"batch={batch}x{length} dtype={cfg.dtype} remat={cfg.remat} "
         f"scan_layers={cfg.scan_layers} device={out['device']}")
   mfu = f"{out['mfu']:.3f}" if peak else "n/a"
-  print(f"init {init_s:.1f} s, compile+first step {first_s:.1f} s, step {best * 1e3:.1f} ms, "
-        f"{tps:.0f} tokens/s, {out['model_tflops_per_s']:.1f} model TFLOP/s, mfu={mfu}",
-        flush=True)
+  print(f"init {out['init_s']:.1f} s, compile+first step {out['first_step_s']:.1f} s, step "
+        f"{step_s * 1e3:.1f} ms, {tps:.0f} tokens/s, {out['model_tflops_per_s']:.1f} model "
+        f"TFLOP/s, mfu={mfu}", flush=True)
   return out
+
+
+def bench_train(cfg, batch: int, length: int, steps: int, rounds: int = 2) -> dict:
+  """Training throughput of `cfg` (_train_runner): the best of `rounds` rounds of `steps`
+  steps."""
+  run_round, figures = _train_runner(cfg, batch, length, steps)
+  best = min(run_round() for _ in range(rounds))
+  return _train_result(cfg, figures(), best)
+
+
+def bench_train_alternating(cfgs: list, batch: int, length: int, steps: int,
+                            rounds: int = 2) -> list[dict]:
+  """bench_train of every config in `cfgs`, built and compiled first, then timed round by
+  round in turn (model 1, model 2, ..., model 1, ...), each model's best round: ratios
+  between them side by side in time, where one model after another would also measure the
+  machine's drift. Holds every model and optimizer state in memory at once."""
+  runners = [_train_runner(cfg, batch, length, steps) for cfg in cfgs]
+  times = [[] for _ in cfgs]
+  for _ in range(rounds):
+    for t, (run_round, _) in zip(times, runners):
+      t.append(run_round())
+  return [_train_result(cfg, figures(), min(t))
+          for cfg, (_, figures), t in zip(cfgs, runners, times)]

@@ -58,6 +58,8 @@ def test_bench_train_steps_an_upcycled_model():
                    "--floor", "--repeats=1", "--transformers=eager"], "layer_cpu"),
     ("bench_train", ["--model=seed", "--experts=0,2", "--B=1", "--L=16", "--steps=1"],
      "train_cpu"),
+    ("bench_train", ["--model=seed", "--experts=0,2", "--B=1", "--L=16", "--steps=1",
+                     "--alternate", "--rounds=1"], "train_cpu"),
     ("check_kernels", ["--run", "--seeds=1", "--T=24", "--d=8", "--f=8", "--E=3"],
      "kernels_cpu")])
 def test_benchmark_out_files_render_into_tables(tmp_path, binary, flags, name):
@@ -149,3 +151,24 @@ def test_a_summary_gives_each_ratio_as_its_range_over_the_runs(tmp_path, monkeyp
   assert table[0].startswith("2 runs (`a.json`, `b.json`; m, cpu, jax 0, 2026-12-05). "
                              "The first: `python -m experiments.bench_moe --out=a`.")
   assert table[-1] == "| 8 | 4 | 2 | dropless | 1.100-1.300 | 0.500-0.750 | 0.900-0.950 | 1.000 |"
+
+
+def test_alternating_train_benchmarks_time_the_models_in_turn(monkeypatch):
+  """bench_train_alternating builds every model first, then times round r of each model
+  before round r + 1 of any, and keeps each model's best round."""
+  calls = []
+
+  def runner(cfg, batch, length, steps):
+    seconds = iter(cfg["rounds"])
+
+    def run_round():
+      calls.append(cfg["name"])
+      return next(seconds)
+    return run_round, lambda: {"built": cfg["name"]}
+
+  monkeypatch.setattr(bench, "_train_runner", runner)
+  monkeypatch.setattr(bench, "_train_result", lambda cfg, figures, s: {**figures, "step_s": s})
+  out = bench.bench_train_alternating([{"name": "a", "rounds": [3.0, 2.0, 4.0]},
+                                       {"name": "b", "rounds": [1.0, 5.0, 6.0]}], 1, 1, 1, 3)
+  assert calls == ["a", "b"] * 3
+  assert out == [{"built": "a", "step_s": 2.0}, {"built": "b", "step_s": 1.0}]
