@@ -62,10 +62,16 @@ def kernels(r: dict) -> str:
                     f"f={s['f']} E={s['e']} k={s['k']}", "", *rows])
 
 
+def _fastest_peer(r: dict) -> dict[tuple, float]:
+  """(E, f, k) -> seconds of the fastest transformers block implementation in a bench_moe
+  result (its dense FFN left out)."""
+  return {(x["E"], x["f"], x["k"]): min(v for n, v in x["seconds"].items() if n != "dense")
+          for x in r.get("transformers", [])}
+
+
 def layer(r: dict) -> str:
   """experiments.bench_moe --out: the layer against dense, and the grouped matmul."""
-  peers = {(x["E"], x["f"], x["k"]): min(v for n, v in x["seconds"].items() if n != "dense")
-           for x in r.get("transformers", [])}
+  peers = _fastest_peer(r)
   vs = lambda x: (f" {x['moe_s'] / peers[(x['E'], x['f'], x['k'])]:.3f} |"
                   if (x["E"], x["f"], x["k"]) in peers else " |")
   mem = all("moe_temp_bytes" in x for x in r["layer"])  # recorded since 2026-12-05
@@ -124,8 +130,8 @@ def train(r: dict) -> str:
 
 
 def _span(values: list[float]) -> str:
-  return (f"{min(values):.3f}" if len(values) == 1 or min(values) == max(values)
-          else f"{min(values):.3f}-{max(values):.3f}")
+  lo, hi = min(values), max(values)
+  return f"{lo:.3f}" if lo == hi else f"{lo:.3f}-{hi:.3f}"
 
 
 def summary(r: dict) -> str:
@@ -137,8 +143,7 @@ def summary(r: dict) -> str:
       runs.append(json.load(f))
   ratios, peers, floors, loops = {}, {}, {}, {}
   for run in runs:
-    best = {(x["E"], x["f"], x["k"]): min(v for n, v in x["seconds"].items() if n != "dense")
-            for x in run.get("transformers", [])}
+    best = _fastest_peer(run)
     for x in run["layer"]:
       key = (x["E"], x["f"], x["k"], x["backend"])
       ratios.setdefault(key, []).append(x["ratio"])
@@ -150,9 +155,9 @@ def summary(r: dict) -> str:
         loops.setdefault((x["E"], x["f"], x["k"]), []).append(x["loop_ratio"])
   rows = ["| E | f | k | backend | MoE / dense | MoE / fastest transformers block | experts alone "
           "(floor) / dense | block loop, equal groups / dense |", "|---|---|---|---|---|---|---|---|"]
+  cell = lambda d, k: _span(d[k]) if k in d else ""
   for key, values in ratios.items():
     shape = key[:3]
-    cell = lambda d, k: _span(d[k]) if k in d else ""
     rows.append(f"| {' | '.join(map(str, key))} | {_span(values)} | {cell(peers, key)} | "
                 f"{cell(floors, shape)} | {cell(loops, shape)} |")
   first = runs[0]

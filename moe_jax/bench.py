@@ -453,9 +453,7 @@ def _train_result(cfg, figures: dict, step_s: float) -> dict:
 def bench_train(cfg, batch: int, length: int, steps: int, rounds: int = 2) -> dict:
   """Training throughput of `cfg` (_train_runner): the best of `rounds` rounds of `steps`
   steps."""
-  run_round, figures = _train_runner(cfg, batch, length, steps)
-  best = min(run_round() for _ in range(rounds))
-  return _train_result(cfg, figures(), best)
+  return bench_train_alternating([cfg], batch, length, steps, rounds)[0]
 
 
 def bench_train_alternating(cfgs: list, batch: int, length: int, steps: int,
