@@ -241,11 +241,22 @@ def _mean_curve(run_dirs: list[str]) -> tuple[np.ndarray, ...]:
   return np.asarray(steps), ys.mean(0), ys.min(0), ys.max(0)
 
 
+# Each arm its own dashes and marker besides its colour: arms that train alike (capacity
+# factors that drop nothing) draw the same curve, and each stays visible over the others.
+_STYLES = [{"linestyle": ls, "marker": m, "markerfacecolor": face} for ls, m, face in (
+    ("-", "o", None), ("--", "s", "none"), (":", "^", "none"), ("-.", "D", "none"),
+    ((0, (5, 1, 1, 1, 1, 1)), "v", "none"), ((0, (1, 3)), "P", "none"))]
+
+
+def _seeds(n: int) -> str:
+  return f"{n} seed" + ("s" if n != 1 else "")
+
+
 def plot_curves(rows: list[dict], workdir: str, out_dir: str, title: str,
                 zoom: float = 1.1) -> list[str]:
   """Held-out loss against training tokens and against training FLOPs, one curve per arm
-  (mean over its seeds) with a band from the lowest to the highest seed; the curves are
-  read from the runs below `workdir`. When an arm ends above `zoom` times the best arm's
+  (mean over its seeds, each arm its own colour, dashes and marker) with a band from the
+  lowest to the highest seed; the curves are read from the runs below `workdir`. When an arm ends above `zoom` times the best arm's
   loss, a second panel shows only the arms below it, on their own scale."""
   arms = by_arm(rows)
   curves = {arm: _mean_curve([os.path.join(workdir, study.run_name(arm, r["seed"]))
@@ -264,7 +275,8 @@ def plot_curves(rows: list[dict], workdir: str, out_dir: str, title: str,
         steps, mean, lo, hi = curves[arm]
         first = arms[arm][0]
         x = steps * (first[key] / first["steps"])  # the same per step for every seed
-        ax.plot(x, mean, "o-", ms=3, color=f"C{i}", label=f"{arm} ({len(arms[arm])} seeds)")
+        ax.plot(x, mean, ms=4, color=f"C{i}", label=f"{arm} ({_seeds(len(arms[arm]))})",
+                **_STYLES[i % len(_STYLES)])
         ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.2)
       ax.set(xlabel=label, ylabel="held-out loss",
              title=title if len(shown) == len(curves) else f"{title}: the arms within "

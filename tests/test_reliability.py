@@ -217,6 +217,11 @@ def _truncate_largest(step_dir):
     f.truncate(os.path.getsize(big) // 2)
 
 
+# A restore that fails on a truncated file ends orbax's asyncio loop while tensorstore reads
+# of the same step are still in flight; one finishing after that schedules its callback on
+# the closed loop, which Python reports as unraisable (1 run in 5 of the suite). The restore
+# has already failed over to the previous step by then; nothing of the run depends on it.
+@pytest.mark.filterwarnings("ignore:Exception ignored in:pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_step_falls_back_then_fails_in_one_line(tmp_path, caplog):
   work = str(tmp_path / "run")
   c = _config(**{"upcycle.method": "none"})  # the restore path is the model's, MoE or not
