@@ -121,10 +121,12 @@ def _get_rows(x_MxD, index):
   return x_MxD.at[index].get(mode="fill", fill_value=0)
 
 
-def _sum_rows(y_RxD, dest_SxK):
-  """[S, D]: source s's rows dest_SxK[s] summed (`rows`, one past the end, adds nothing)."""
+def _sum_rows(y_RxD, dest_SxK, w_SxK=None):
+  """[S, D]: source s's rows dest_SxK[s] summed, each times w_SxK where given (`rows`, one
+  past the end, adds nothing)."""
   s, k = dest_SxK.shape
-  return _get_rows(y_RxD, dest_SxK.reshape(-1)).reshape(s, k, -1).sum(1)
+  y_SxKxD = _get_rows(y_RxD, dest_SxK.reshape(-1)).reshape(s, k, -1)
+  return (y_SxKxD if w_SxK is None else y_SxKxD * w_SxK[..., None]).sum(1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -149,8 +151,7 @@ _to_rows.defvjp(_to_rows_fwd, _to_rows_bwd)
 def _from_rows(y_RxD, w_A, dest_A, assign_R, k: int):
   """[T, D]: the sum over token t's k assignments a of w_A[a] * y[dest_A[a]]."""
   t = dest_A.shape[0] // k
-  y_A = _get_rows(y_RxD, dest_A) * w_A[:, None]
-  return y_A.reshape(t, k, -1).sum(1)
+  return _sum_rows(y_RxD, dest_A.reshape(t, k), w_A.reshape(t, k))
 
 
 def _from_rows_fwd(y_RxD, w_A, dest_A, assign_R, k):
