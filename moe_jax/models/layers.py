@@ -74,10 +74,12 @@ def gqa_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Arr
 
 
 def swiglu(x_BxLxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array,
-           w_down_FxD: jax.Array) -> jax.Array:
-  """The dense SwiGLU FFN: (silu(x Wg) * x Wu) Wd."""
-  h = jax.nn.silu(x_BxLxD @ w_gate_DxF) * (x_BxLxD @ w_up_DxF)
-  return h @ w_down_FxD
+           w_down_FxD: jax.Array, matmul=jnp.matmul) -> jax.Array:
+  """The SwiGLU FFN, (silu(x Wg) * x Wu) Wd, its three products by `matmul`: the dense FFN
+  by default, experts' stacked [E, C, D] rows the same way (a batched product), and rows
+  grouped by expert with a grouped product (`jax.lax.ragged_dot`, the Pallas gmm)."""
+  h = jax.nn.silu(matmul(x_BxLxD, w_gate_DxF)) * matmul(x_BxLxD, w_up_DxF)
+  return matmul(h, w_down_FxD)
 
 
 # ------------------------------------------------------------------------- KV cache

@@ -33,18 +33,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe_jax.models import layers
 from moe_jax.moe.routers import Routing
 
 
 def capacity(num_tokens: int, cfg) -> int:
   """C = ceil(T * k / E * capacity_factor)."""
   return max(1, math.ceil(num_tokens * cfg.top_k / cfg.num_experts * cfg.capacity_factor))
-
-
-def swiglu_experts(x_ExCxD, w_gate, w_up, w_down):
-  h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ExCxD, w_gate)) * jnp.einsum(
-      "ecd,edf->ecf", x_ExCxD, w_up)
-  return jnp.einsum("ecf,efd->ecd", h, w_down)
 
 
 class Slots(NamedTuple):
@@ -210,7 +205,7 @@ def capacity_gather(x_TxD, routing, w_gate, w_up, w_down, cfg):
   t, d = x_TxD.shape
   layout, kept, c = capacity_layout(routing, cfg)
   x_ExCxD = gather(x_TxD, layout).reshape(cfg.num_experts, c, d)
-  y_ExCxD = swiglu_experts(x_ExCxD, w_gate, w_up, w_down)
+  y_ExCxD = layers.swiglu(x_ExCxD, w_gate, w_up, w_down)  # [E, C, D] x [E, D, F]: batched
   return combine(y_ExCxD.reshape(-1, d), layout, t), 1.0 - kept
 
 
@@ -224,7 +219,7 @@ def capacity_einsum(x_TxD, routing, w_gate, w_up, w_down, cfg):
   dispatch_TxExC = onehot.sum(axis=1).astype(x_TxD.dtype)
   combine_TxExC = (onehot * routing.weights_TxK[:, :, None, None]).sum(axis=1).astype(x_TxD.dtype)
   x_ExCxD = jnp.einsum("tec,td->ecd", dispatch_TxExC, x_TxD)
-  y_ExCxD = swiglu_experts(x_ExCxD, w_gate, w_up, w_down)
+  y_ExCxD = layers.swiglu(x_ExCxD, w_gate, w_up, w_down)
   return jnp.einsum("tec,ecd->td", combine_TxExC, y_ExCxD), 1.0 - kept
 
 
@@ -528,10 +523,8 @@ def ragged(x_TxD, routing, w_gate, w_up, w_down, cfg):
   k = routing.experts_TxK.shape[1]
   slots = sort_slots(routing, cfg.num_experts)
   token = slots.order_N // k
-  xs = x_TxD[token]
-  h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, slots.sizes_E)) * jax.lax.ragged_dot(
-      xs, w_up, slots.sizes_E)
-  y = jax.lax.ragged_dot(h, w_down, slots.sizes_E)
+  y = layers.swiglu(x_TxD[token], w_gate, w_up, w_down,
+                    lambda a, w: jax.lax.ragged_dot(a, w, slots.sizes_E))
   w = routing.weights_TxK.reshape(-1)[slots.order_N].astype(y.dtype)
   return jnp.zeros((t, d), y.dtype).at[token].add(y * w[:, None]), jnp.float32(0.0)
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import sharding
+from moe_jax.models import layers
 from moe_jax.moe import dispatch, losses, routers
 
 EXPERT_AXIS = "expert"
@@ -81,7 +82,7 @@ def _capacity_dispatch(x_TxD, routing, w_gate, w_up, w_down, cfg, n_ep: int):
   layout, kept, c = dispatch.capacity_layout(routing, cfg)
   recv = _all_to_all(dispatch.gather(x_TxD, layout).reshape(e, c, d))  # [n_ep * E_loc, C, D]
   x_local = recv.reshape(n_ep, e_loc, c, d).transpose(1, 0, 2, 3).reshape(e_loc, n_ep * c, d)
-  y_local = dispatch.swiglu_experts(x_local, w_gate, w_up, w_down)
+  y_local = layers.swiglu(x_local, w_gate, w_up, w_down)
   y_back = y_local.reshape(e_loc, n_ep, c, d).transpose(1, 0, 2, 3).reshape(e, c, d)
   return dispatch.combine(_all_to_all(y_back).reshape(e * c, d), layout, t), 1.0 - kept
 

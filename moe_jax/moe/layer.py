@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.models import layers
 from moe_jax.moe import dispatch, expert_parallel, losses, routers
 from moe_jax.moe.config import MoeConfig
 
@@ -110,8 +111,8 @@ class MoeBlock(nnx.Module):
     if self.cfg.shared_expert_dim:
       dt = self.dtype
       xs = x_TxD.astype(dt)
-      h = jax.nn.silu(xs @ self.shared_w_gate[...].astype(dt)) * (xs @ self.shared_w_up[...].astype(dt))
-      shared = h @ self.shared_w_down[...].astype(dt)
+      shared = layers.swiglu(xs, *(w[...].astype(dt) for w in (
+          self.shared_w_gate, self.shared_w_up, self.shared_w_down)))
       if self.cfg.shared_expert_gate:
         shared = jax.nn.sigmoid(xs @ self.shared_gate[...].astype(dt)) * shared
       y_TxD = y_TxD + shared

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_jax.models import layers
 from moe_jax.moe import routers
 from pallas_kernels.gmm import ops as gmm_ops
 from pallas_kernels.permute import ops as permute_ops
@@ -27,14 +28,17 @@ def route(logits_TxE, cfg, bias_E=None, target=None) -> routers.Routing:
   return routers.Routing(r.weights_TxK, r.experts_TxK, r.probs_TxE)
 
 
+def _swiglu_gmm(xs_MxD, w_gate, w_up, w_down, sizes_E, target):
+  """Rows grouped by expert (sizes_E rows each, in order) through their experts' SwiGLU."""
+  return layers.swiglu(xs_MxD, w_gate, w_up, w_down,
+                       lambda a, w: gmm_ops.gmm(a, w, sizes_E, target))
+
+
 def pallas(x_TxD, routing, w_gate, w_up, w_down, cfg, target=None):
   """Backend signature of dispatch.BACKENDS; nothing is dropped."""
   p = permute_ops.plan(routing.experts_TxK, cfg.num_experts)
   xs_MxD = permute_ops.permute(x_TxD, p, target)
-  sizes = p.group_sizes_E
-  h_MxF = (jax.nn.silu(gmm_ops.gmm(xs_MxD, w_gate, sizes, target))
-           * gmm_ops.gmm(xs_MxD, w_up, sizes, target))
-  y_MxD = gmm_ops.gmm(h_MxF, w_down, sizes, target)
+  y_MxD = _swiglu_gmm(xs_MxD, w_gate, w_up, w_down, p.group_sizes_E, target)
   return permute_ops.unpermute(y_MxD, routing.weights_TxK, p, target), jnp.float32(0.0)
 
 
@@ -46,9 +50,7 @@ def grouped_rows(x_MxD, expert_M, w_gate, w_up, w_down, target=None):
   p = permute_ops.plan(expert_M[:, None], e + 1)
   xs_MxD = permute_ops.permute(x_MxD, p, target)
   sizes = p.group_sizes_E[:e]
-  h_MxF = (jax.nn.silu(gmm_ops.gmm(xs_MxD, w_gate, sizes, target))
-           * gmm_ops.gmm(xs_MxD, w_up, sizes, target))
-  y_MxD = gmm_ops.gmm(h_MxF, w_down, sizes, target)
+  y_MxD = _swiglu_gmm(xs_MxD, w_gate, w_up, w_down, sizes, target)
   real = jnp.arange(x_MxD.shape[0]) < jnp.sum(sizes)
   y_MxD = jnp.where(real[:, None], y_MxD, jnp.zeros_like(y_MxD))
   return permute_ops.unpermute(y_MxD, jnp.ones((x_MxD.shape[0], 1), y_MxD.dtype), p, target)
