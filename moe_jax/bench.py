@@ -11,10 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.models import layers
+from flax import nnx
+
+from moe_jax import generation
+from moe_jax.config import ModelConfig
+from moe_jax.convert import load
+from moe_jax.models import layer_stack, layers, llama
+from moe_jax.moe import attention as moa_lib
 from moe_jax.moe import dispatch, layer
 from moe_jax.moe.config import MoeConfig
 from moe_jax.moe.routers import Routing
+from moe_jax.train import flops, optim, step
+from moe_jax.upcycle import convert, methods
 
 
 def _time(fn, args) -> float:
@@ -233,7 +241,6 @@ def bench_moa(b: int, length: int, d: int, h: int, g: int, n: int, shared_kv: bo
   """Forward+backward of a soft Mixture of Attention with `n` experts against one dense
   attention of the same shape; returns the ratio moa / (n * dense). Both run with RoPE
   and a causal mask, alternating in one process."""
-  from moe_jax.moe import attention as moa_lib  # pylint: disable=g-import-not-at-top
   dt, kd = jnp.dtype(dtype), d // h
   ks = jax.random.split(jax.random.key(0), 12)
   x = jax.random.normal(ks[0], (b, length, d), dt)
@@ -275,9 +282,6 @@ def bench_generate(new_tokens: int, check_tokens: int, prompt: str, repeats: int
   alternating after a warm-up run of each (the warm-ups compile); EOS is ignored so both
   emit exactly `new_tokens`. Then, on the copy upcycle of every layer into
   `upcycle_experts` experts top-2, the first `check_tokens` with and without the cache."""
-  from moe_jax import generation  # pylint: disable=g-import-not-at-top
-  from moe_jax.convert import load  # pylint: disable=g-import-not-at-top
-  from moe_jax.upcycle import convert, methods  # pylint: disable=g-import-not-at-top
   model, tok = load.load_model("")
   ids = tok.encode(prompt)
   runs = {"cached": lambda m, n: generation.generate(m, [ids], n)[0],
@@ -328,9 +332,6 @@ def compile_memory(cfg, batch: int, length: int, variants: list[tuple[str, str]]
   bytes. Layouts: loop (a Python loop over the layers), scan (layers stored per layer,
   stacked inside the step for the scan), stacked (stored stacked, as training stores them
   with scan_layers: models/layer_stack.py). Params are abstract (nothing allocated)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from moe_jax.models import layer_stack, llama  # pylint: disable=g-import-not-at-top
-  from moe_jax.train import step  # pylint: disable=g-import-not-at-top
   tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
   batch_ = {"tokens": tokens, "targets": tokens, "positions": tokens, "segment_ids": tokens,
             "loss_mask": jax.ShapeDtypeStruct((batch, length), jnp.float32)}
@@ -373,11 +374,9 @@ SHAPES = {
 }
 
 
-def model_shape(name: str, experts: int = 0, top_k: int = 2, **moe) -> "ModelConfig":
+def model_shape(name: str, experts: int = 0, top_k: int = 2, **moe) -> ModelConfig:
   """SHAPES[name] as a ModelConfig; with experts > 0, copy-upcycled into that many experts
   top_k in every layer (moe: MoeConfig overrides, e.g. backend)."""
-  from moe_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from moe_jax.upcycle import convert, methods  # pylint: disable=g-import-not-at-top
   if name not in SHAPES:
     raise ValueError(f"model={name!r}: expected one of {sorted(SHAPES)}")
   cfg = ModelConfig(**SHAPES[name])
@@ -392,9 +391,6 @@ def _train_runner(cfg, batch: int, length: int, steps: int):
   and takes one step. run_round() dispatches `steps` steps back to back on random tokens,
   blocks at the end and returns the seconds per step; figures() the model's sizes, init and
   compile times and last loss."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from moe_jax.models import layer_stack, llama  # pylint: disable=g-import-not-at-top
-  from moe_jax.train import flops, optim, step  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   model = llama.create(cfg)
   if cfg.scan_layers:
@@ -431,7 +427,6 @@ def _train_result(cfg, figures: dict, step_s: float) -> dict:
   """The train figures of one model at `step_s` seconds a step (tokens/s, model TFLOP/s,
   MFU: model FLOPs, 6 x active params + attention with no recompute, over the device's
   dense bf16 peak, None where unknown, e.g. CPU), printed as two lines."""
-  from moe_jax.train import flops  # pylint: disable=g-import-not-at-top
   batch, length = figures["batch"], figures["length"]
   tps = batch * length / step_s
   fpt = flops.train_flops_per_token(cfg, length)
