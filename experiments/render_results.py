@@ -69,6 +69,11 @@ def _fastest_peer(r: dict) -> dict[tuple, float]:
           for x in r.get("transformers", [])}
 
 
+# bench_floor's block loops on equal groups (bench.strided_experts, random_equal_experts).
+LOOPS = (("loop", "block loop, equal groups"),
+         ("loop_random", "block loop, random equal groups"))
+
+
 def layer(r: dict) -> str:
   """experiments.bench_moe --out: the layer against dense, and the grouped matmul."""
   peers = _fastest_peer(r)
@@ -89,15 +94,16 @@ def layer(r: dict) -> str:
              f"{impl} | {x['seconds'][impl]:.5f} | {x['seconds']['dense']:.5f} | "
              f"{x['ratio'][impl]:.3f} |" for x in r["transformers"] for impl in x["ratio"]]
   if r.get("floor"):
-    loop = all("loop_ratio" in x for x in r["floor"])  # recorded since 2026-12-05
+    # The block loop on equal groups: strided since 2026-12-05, random since 2026-12-05 (4th).
+    loops = [(n, label) for n, label in LOOPS if all(f"{n}_ratio" in x for x in r["floor"])]
     rows += ["", "| the experts alone, rows pre-grouped (E, f, k) | forward s | dense forward s | "
-             "forward ratio | fwd+bwd s | dense fwd+bwd s | fwd+bwd ratio |" + (
-                 " block loop, equal groups, fwd+bwd s | its ratio |" if loop else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if loop else "")]
+             "forward ratio | fwd+bwd s | dense fwd+bwd s | fwd+bwd ratio |" + "".join(
+                 f" {label}, fwd+bwd s | its ratio |" for _, label in loops),
+             "|---|---|---|---|---|---|---|" + "---|---|" * len(loops)]
     rows += [f"| {x['E']}, {x['f']}, {x['k']} | {x['seconds']['floor_fwd']:.5f} | "
              f"{x['seconds']['dense_fwd']:.5f} | {x['fwd_ratio']:.3f} | "
-             f"{x['seconds']['floor']:.5f} | {x['seconds']['dense']:.5f} | {x['ratio']:.3f} |" + (
-                 f" {x['seconds']['loop']:.5f} | {x['loop_ratio']:.3f} |" if loop else "")
+             f"{x['seconds']['floor']:.5f} | {x['seconds']['dense']:.5f} | {x['ratio']:.3f} |" +
+             "".join(f" {x['seconds'][n]:.5f} | {x[f'{n}_ratio']:.3f} |" for n, _ in loops)
              for x in r["floor"]]
   if r["gmm"]:
     names = list(r["gmm"][0]["tflops"])
@@ -141,7 +147,8 @@ def summary(r: dict) -> str:
   for name in r["runs"]:
     with open(os.path.join(RESULTS, f"{name}.json"), encoding="utf-8") as f:
       runs.append(json.load(f))
-  ratios, peers, floors, loops = {}, {}, {}, {}
+  ratios, peers, floors = {}, {}, {}
+  loops = {n: {} for n, _ in LOOPS}
   for run in runs:
     best = _fastest_peer(run)
     for x in run["layer"]:
@@ -151,15 +158,19 @@ def summary(r: dict) -> str:
         peers.setdefault(key, []).append(x["moe_s"] / best[key[:3]])
     for x in run.get("floor", []):
       floors.setdefault((x["E"], x["f"], x["k"]), []).append(x["ratio"])
-      if "loop_ratio" in x:
-        loops.setdefault((x["E"], x["f"], x["k"]), []).append(x["loop_ratio"])
+      for n in loops:
+        if f"{n}_ratio" in x:
+          loops[n].setdefault((x["E"], x["f"], x["k"]), []).append(x[f"{n}_ratio"])
+  shown = [(n, label) for n, label in LOOPS if loops[n]]
   rows = ["| E | f | k | backend | MoE / dense | MoE / fastest transformers block | experts alone "
-          "(floor) / dense | block loop, equal groups / dense |", "|---|---|---|---|---|---|---|---|"]
+          "(floor) / dense |" + "".join(f" {label} / dense |" for _, label in shown),
+          "|---|---|---|---|---|---|---|" + "---|" * len(shown)]
   cell = lambda d, k: _span(d[k]) if k in d else ""
   for key, values in ratios.items():
     shape = key[:3]
     rows.append(f"| {' | '.join(map(str, key))} | {_span(values)} | {cell(peers, key)} | "
-                f"{cell(floors, shape)} | {cell(loops, shape)} |")
+                f"{cell(floors, shape)} |" + "".join(f" {cell(loops[n], shape)} |"
+                                                    for n, _ in shown))
   first = runs[0]
   dates = sorted({run["date"] for run in runs})
   return "\n".join([f"{len(runs)} runs ({', '.join(f'`{n}.json`' for n in r['runs'])}; "

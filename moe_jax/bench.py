@@ -116,13 +116,34 @@ def temp_bytes(compiled) -> int:
   return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def _equal_groups_loop(t: int, k: int, num_experts: int, dtype):
+def strided_experts(t: int, k: int, num_experts: int) -> np.ndarray:
+  """[T, K] experts: assignment a = t*k + j to expert a mod E. Every expert gets T*k/E
+  tokens, but neighbouring experts the same ones (experts 0..E/k - 1 all take tokens t with
+  t*k mod E = 0, ...): a block loop in expert order finds the rows of the block before."""
+  return (np.arange(t * k) % num_experts).reshape(t, k).astype(np.int32)
+
+
+def random_equal_experts(t: int, k: int, num_experts: int, seed: int = 0) -> np.ndarray:
+  """[T, K] experts, every expert exactly T*k/E tokens and each token k distinct experts, the
+  tokens of any two neighbouring experts disjoint random sets (as a router's are, not
+  strided_experts' shared ones): the experts fall into k bands of E/k, and token t takes,
+  in each band, the expert at perm[t] mod (E/k), perm a fixed random permutation."""
+  bands = num_experts // k
+  if num_experts % k or t % bands:
+    raise ValueError(f"random_equal_experts: E={num_experts} must be a multiple of k={k}, "
+                     f"and T={t} of E/k")
+  r = np.random.default_rng(seed).permutation(t) % bands
+  return (np.arange(k)[None, :] * bands + r[:, None]).astype(np.int32)
+
+
+def _equal_groups_loop(experts_TxK: np.ndarray, num_experts: int, dtype):
   """loss(x_TxD, w_gate, w_up, w_down): dropless's block loop (`dispatch.grouped_swiglu`)
-  on a routing that gives every expert exactly T*k/E assignments (assignment a = t*k + j to
-  expert a mod E, weight 1), its layout made here, outside the timed function: the layer's
-  products, row moves and per-block costs with no router, no sort and no padding."""
-  experts_TxK = (jnp.arange(t * k, dtype=jnp.int32) % num_experts).reshape(t, k)
-  slots = dispatch.sort_slots(Routing(jnp.ones((t, k), dtype), experts_TxK, None), num_experts)
+  on a routing that gives every expert exactly T*k/E assignments (`experts_TxK`, weight 1),
+  its layout made here, outside the timed function: the layer's products, row moves and
+  per-block costs with no router, no sort and no padding."""
+  t, k = experts_TxK.shape
+  routing = Routing(jnp.ones((t, k), dtype), jnp.asarray(experts_TxK), None)
+  slots = dispatch.sort_slots(routing, num_experts)
   levels = dispatch.block_levels(t * k, num_experts)
   w_R, src_R, loop = dispatch.grouped_layout(slots, jnp.ones((t * k,), dtype), num_experts, k,
                                              levels, t, dtype)
@@ -136,8 +157,11 @@ def bench_floor(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int
   separate SwiGLUs, each its own matmuls) against the dense SwiGLU of width k*f, both
   forward only and forward+backward, alternating. Equal FLOPs; a ratio above 1 is the
   price of the narrower products (d -> f instead of d -> k*f), which no dispatch removes.
-  Also forward+backward of dropless's block loop on the same rows (`_equal_groups_loop`):
-  the layer with its routing, sort and padding taken out."""
+  Also forward+backward of dropless's block loop on T*k rows in E equal groups
+  (`_equal_groups_loop`), the layer with its routing, sort and padding taken out: `loop` on
+  strided_experts' routing (neighbouring experts share their tokens, so each block finds
+  its rows in cache) and, where E is a multiple of k, `loop_random` on
+  random_equal_experts' (they do not, as with a router)."""
   dt = jnp.dtype(dtype)
   ks = jax.random.split(jax.random.key(1), 8)
   c = t * k // e
@@ -154,19 +178,24 @@ def bench_floor(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int
   experts, x_grouped = [list(p) for p in experts], list(x_grouped)
   dense_fn = lambda x, *w: jnp.sum(layers.swiglu(x, *w).astype(jnp.float32))
   grad = lambda fn: jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3)))
-  med = alternate({"floor_fwd": (jax.jit(floor), (x_grouped, *experts)),
-                   "dense_fwd": (jax.jit(dense_fn), (x, *dense)),
-                   "floor": (grad(floor), (x_grouped, *experts)),
-                   "loop": (grad(_equal_groups_loop(t, k, e, dt)),
-                            (x, *(jnp.stack(p) for p in experts))),
-                   "dense": (grad(dense_fn), (x, *dense))}, repeats)
+  stacked = (x, *(jnp.stack(p) for p in experts))
+  fns = {"floor_fwd": (jax.jit(floor), (x_grouped, *experts)),
+         "dense_fwd": (jax.jit(dense_fn), (x, *dense)),
+         "floor": (grad(floor), (x_grouped, *experts)),
+         "loop": (grad(_equal_groups_loop(strided_experts(t, k, e), e, dt)), stacked),
+         "dense": (grad(dense_fn), (x, *dense))}
+  if e % k == 0 and t % (e // k) == 0:
+    fns["loop_random"] = (grad(_equal_groups_loop(random_equal_experts(t, k, e), e, dt)),
+                          stacked)
+  med = alternate(fns, repeats)
+  loops = {n: med[n] / med["dense"] for n in ("loop", "loop_random") if n in med}
   print(f"floor E={e} f={f} k={k}: experts on grouped rows / dense: forward "
         f"{med['floor_fwd'] / med['dense_fwd']:.3f}, forward+backward "
-        f"{med['floor'] / med['dense']:.3f}; the block loop on the same rows / dense: "
-        f"{med['loop'] / med['dense']:.3f}", flush=True)
+        f"{med['floor'] / med['dense']:.3f}; the block loop on equal groups / dense: " +
+        ", ".join(f"{n} {v:.3f}" for n, v in loops.items()), flush=True)
   return {"T": t, "d": d, "f": f, "E": e, "k": k, "dtype": dtype, "seconds": med,
           "fwd_ratio": med["floor_fwd"] / med["dense_fwd"], "ratio": med["floor"] / med["dense"],
-          "loop_ratio": med["loop"] / med["dense"]}
+          **{f"{n}_ratio": v for n, v in loops.items()}}
 
 
 def bench_transformers(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int,

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import subproc
@@ -113,22 +114,36 @@ def test_temp_bytes_counts_a_materialised_intermediate():
   assert bench.temp_bytes(jax.jit(lambda x: (x @ x) @ x).lower(x).compile()) >= 128 * 128 * 4
 
 
-def test_the_equal_groups_loop_is_every_token_through_its_k_experts():
-  """bench_floor's block loop (bench._equal_groups_loop) computes the layer for assignment
-  t*k + j to expert (t*k + j) mod E, weight 1: plain jnp SwiGLUs summed over every token."""
+@pytest.mark.parametrize("routing", ["strided", "random"])
+def test_the_equal_groups_loop_is_every_token_through_its_k_experts(routing):
+  """bench_floor's block loops (bench._equal_groups_loop): each expert T*k/E tokens, each
+  token k distinct experts, neighbouring experts the same tokens (strided) or disjoint ones
+  (random); the loop's loss is plain jnp SwiGLUs summed over every token's experts."""
   t, d, f, e, k = 48, 8, 4, 6, 2
+  expert_TxK = (bench.strided_experts if routing == "strided" else bench.random_equal_experts)(
+      t, k, e)
+  assert expert_TxK.shape == (t, k) and (np.bincount(expert_TxK.ravel(), minlength=e) ==
+                                         t * k // e).all()
+  assert all(len(set(row)) == k for row in expert_TxK.tolist())
+  tokens = [set(np.nonzero((expert_TxK == x).any(1))[0].tolist()) for x in range(e)]
+  shared = [len(tokens[x] & tokens[x + 1]) for x in range(e - 1)]
+  assert (max(shared) > 0) if routing == "strided" else (max(shared) == 0)
   ks = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(ks[0], (t, d))
   wg, wu, wd = (jax.random.normal(key, shape) for key, shape in
                 zip(ks[1:], ((e, d, f), (e, d, f), (e, f, d))))
-  expert_TxK = (jnp.arange(t * k) % e).reshape(t, k)
   want = 0.0
   for j in range(k):
     g, u, dn = (w[expert_TxK[:, j]] for w in (wg, wu, wd))  # [T, ...]: each token's expert
     h = jax.nn.silu(jnp.einsum("td,tdf->tf", x, g)) * jnp.einsum("td,tdf->tf", x, u)
     want += jnp.einsum("tf,tfd->td", h, dn).sum()
-  got = bench._equal_groups_loop(t, k, e, jnp.float32)(x, wg, wu, wd)
+  got = bench._equal_groups_loop(expert_TxK, e, jnp.float32)(x, wg, wu, wd)
   assert jnp.allclose(got, want, rtol=1e-5), (got, want)
+
+
+def test_random_equal_experts_names_shapes_it_cannot_split():
+  with pytest.raises(ValueError, match="E=6 must be a multiple of k=4"):
+    bench.random_equal_experts(48, 4, 6)
 
 
 def test_a_summary_gives_each_ratio_as_its_range_over_the_runs(tmp_path, monkeypatch):
