@@ -94,7 +94,7 @@ def layer(r: dict) -> str:
              f"{impl} | {x['seconds'][impl]:.5f} | {x['seconds']['dense']:.5f} | "
              f"{x['ratio'][impl]:.3f} |" for x in r["transformers"] for impl in x["ratio"]]
   if r.get("floor"):
-    # The block loop on equal groups: strided since 2026-12-05, random since 2026-12-05 (4th).
+    # Older files have no block loop column, or only the strided one (no loop_random).
     loops = [(n, label) for n, label in LOOPS if all(f"{n}_ratio" in x for x in r["floor"])]
     rows += ["", "| the experts alone, rows pre-grouped (E, f, k) | forward s | dense forward s | "
              "forward ratio | fwd+bwd s | dense fwd+bwd s | fwd+bwd ratio |" + "".join(

@@ -123,15 +123,20 @@ def strided_experts(t: int, k: int, num_experts: int) -> np.ndarray:
   return (np.arange(t * k) % num_experts).reshape(t, k).astype(np.int32)
 
 
+def splits_into_bands(t: int, k: int, num_experts: int) -> bool:
+  """Whether random_equal_experts can route T tokens: E a multiple of k, T of E/k."""
+  return num_experts % k == 0 and t % (num_experts // k) == 0
+
+
 def random_equal_experts(t: int, k: int, num_experts: int, seed: int = 0) -> np.ndarray:
   """[T, K] experts, every expert exactly T*k/E tokens and each token k distinct experts, the
   tokens of any two neighbouring experts disjoint random sets (as a router's are, not
   strided_experts' shared ones): the experts fall into k bands of E/k, and token t takes,
   in each band, the expert at perm[t] mod (E/k), perm a fixed random permutation."""
-  bands = num_experts // k
-  if num_experts % k or t % bands:
+  if not splits_into_bands(t, k, num_experts):
     raise ValueError(f"random_equal_experts: E={num_experts} must be a multiple of k={k}, "
                      f"and T={t} of E/k")
+  bands = num_experts // k
   r = np.random.default_rng(seed).permutation(t) % bands
   return (np.arange(k)[None, :] * bands + r[:, None]).astype(np.int32)
 
@@ -184,7 +189,7 @@ def bench_floor(t: int, d: int, f: int, e: int, k: int, dtype: str, repeats: int
          "floor": (grad(floor), (x_grouped, *experts)),
          "loop": (grad(_equal_groups_loop(strided_experts(t, k, e), e, dt)), stacked),
          "dense": (grad(dense_fn), (x, *dense))}
-  if e % k == 0 and t % (e // k) == 0:
+  if splits_into_bands(t, k, e):
     fns["loop_random"] = (grad(_equal_groups_loop(random_equal_experts(t, k, e), e, dt)),
                           stacked)
   med = alternate(fns, repeats)

@@ -256,8 +256,9 @@ def plot_curves(rows: list[dict], workdir: str, out_dir: str, title: str,
                 zoom: float = 1.1) -> list[str]:
   """Held-out loss against training tokens and against training FLOPs, one curve per arm
   (mean over its seeds, each arm its own colour, dashes and marker) with a band from the
-  lowest to the highest seed; the curves are read from the runs below `workdir`. When an arm ends above `zoom` times the best arm's
-  loss, a second panel shows only the arms below it, on their own scale."""
+  lowest to the highest seed; the curves are read from the runs below `workdir`. When an
+  arm ends above `zoom` times the best arm's loss, a second panel shows only the arms
+  below it, on their own scale."""
   arms = by_arm(rows)
   curves = {arm: _mean_curve([os.path.join(workdir, study.run_name(arm, r["seed"]))
                               for r in mine]) for arm, mine in arms.items()}
