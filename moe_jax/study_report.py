@@ -94,12 +94,22 @@ def shared_table(shared: list[dict]) -> list[str]:
   return lines + [""]
 
 
-def verdict(d: dict, expected: str | None = None) -> str:
-  """What a paired difference of held-out loss says, against the paper's sign if given."""
+def extremes_noise_se(num_arms: int) -> float:
+  """The SE multiple that makes the largest of num_arms arms against the smallest as
+  unlikely a false result as NOISE_SE makes one planned comparison: NOISE_SE's two-sided
+  normal tail shared over the n(n-1)/2 pairs the extremes were picked from (Bonferroni)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  pairs = max(1, num_arms * (num_arms - 1) // 2)
+  return float(stats.norm.isf(stats.norm.sf(NOISE_SE) / pairs))
+
+
+def verdict(d: dict, expected: str | None = None, noise_se: float = NOISE_SE) -> str:
+  """What a paired difference (of held-out loss, or any per-seed figure) says, against the
+  paper's sign if given; within noise_se standard errors it is noise."""
   if d["n"] < 2 or not math.isfinite(d["se"]):
     return "one seed: no standard error, no verdict"
-  if abs(d["diff"]) <= NOISE_SE * d["se"]:
-    said = f"within noise (|difference| <= {NOISE_SE:g} SE)"
+  if abs(d["diff"]) <= noise_se * d["se"]:
+    said = f"within noise (|difference| <= {noise_se:.3g} SE)"
     return said + (": the claim is not shown here" if expected else "")
   got = "lower" if d["diff"] < 0 else "higher"
   ratio = abs(d["diff"]) / d["se"] if d["se"] else math.inf
@@ -134,7 +144,8 @@ def comparison_table(rows: list[dict], comparisons: Iterable[tuple[str, str]],
 
 def trends(rows: list[dict], values: dict[str, Any], label: str) -> list[str]:
   """Sentences on the arms' means against a varied value: the best arm, the fastest to
-  train (where throughput was logged), and (for a numeric value) the Spearman rank
+  train against the slowest (where throughput was logged, with whether the two differ
+  beyond noise, allowing for their being the extremes: extremes_noise_se), and (for a numeric value) the Spearman rank
   correlation of each metric with it."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
   arms = by_arm(rows)
@@ -148,8 +159,10 @@ def trends(rows: list[dict], values: dict[str, Any], label: str) -> list[str]:
            for a in names}
   if len(names) > 1 and all(math.isfinite(v) for v in speed.values()):
     fast, slow = max(names, key=speed.get), min(names, key=speed.get)
-    out.append(f"highest training throughput: {fast} ({speed[fast]:.0f} tokens/s, "
-               f"{speed[fast] / speed[slow]:.2f}x the slowest, {slow})")
+    d = study.paired_difference(rows, fast, slow, key="tokens_per_s")
+    out.append(f"training throughput, fastest arm against slowest of {len(names)}: {fast} "
+               f"{speed[fast]:.0f} tokens/s, {speed[fast] / speed[slow]:.2f}x {slow}: "
+               f"{verdict(d, noise_se=extremes_noise_se(len(names)))}")
   numeric = all(isinstance(values[a], (int, float)) for a in names)
   for key, what in (("eval_loss", "held-out loss"), ("expert_cosine", "expert cosine to the seed")):
     ys = [means[key][a] for a in names]
@@ -462,7 +475,9 @@ def render_page(findings: list[study.Finding], root: str, page_dir: str) -> str:
            "scored on the same held-out batches, so each comparison is the mean of its "
            "per-seed (paired) differences, with the standard error of that mean. A "
            f"difference within {NOISE_SE:g} standard errors is reported as noise, and a "
-           "significant one with its size relative to the loss. Arms are compared at "
+           "significant one with its size relative to the loss; the fastest arm against "
+           "the slowest, picked from all pairs, needs more (the same tail shared over the "
+           "pairs). Arms are compared at "
            "equal training tokens unless a finding says otherwise. Training times are of the 2-core CPU "
            "machine, evaluation excluded, one process on both cores unless a finding says "
            "otherwise.", "", *seed_section(root, page_dir, tables)]

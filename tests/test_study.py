@@ -4,6 +4,7 @@ miniature of every configs/study module (CI keeps each finding runnable)."""
 import csv
 import dataclasses
 import glob
+import math
 import os
 
 import numpy as np
@@ -141,7 +142,20 @@ def test_trends_find_the_best_arm_and_rank_correlations():
   for r, tps in zip(rows, (900, 1100, 2000, 2000, 1500, 1500)):
     r["tokens_per_s"] = tps
   out = study_report.trends(rows, values, "lr")
-  assert out[1] == "highest training throughput: lr2 (2000 tokens/s, 2.00x the slowest, lr1)"
+  assert out[1] == ("training throughput, fastest arm against slowest of 3: lr2 2000 tokens/s, "
+                    "2.00x lr1: lr2 is higher than lr1 by 10.0 SE")
+  for r, tps in zip(rows, (1000, 1010, 1030, 990, 1000, 1000)):
+    r["tokens_per_s"] = tps  # lr2 - lr3 per seed: +30, -10, so 10 ± 20
+  out = study_report.trends(rows, values, "lr")
+  assert out[1].endswith("lr2 1010 tokens/s, 1.01x lr3: within noise (|difference| <= 2.43 SE)")
+
+
+def test_the_extremes_of_more_arms_need_more_standard_errors():
+  assert study_report.extremes_noise_se(2) == pytest.approx(study_report.NOISE_SE)
+  # 3 pairs: each pair's two-sided tail is a third of 2 SE's (scipy.stats.norm).
+  tail = 2 * (1 - 0.5 * (1 + math.erf(study_report.extremes_noise_se(3) / math.sqrt(2))))
+  assert tail == pytest.approx(2 * (1 - 0.5 * (1 + math.erf(2 / math.sqrt(2)))) / 3)
+  assert study_report.extremes_noise_se(6) > study_report.extremes_noise_se(3)
 
 
 def _stub_module(tmp_path, head: str) -> str:
