@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from moe_jax import errors
 from moe_jax.config import ModelConfig, RopeScaling
+from moe_jax.moe.config import MoeConfig
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 _INDEX = "model.safetensors.index.json"
@@ -120,7 +121,6 @@ def _moe_config(hf: dict[str, Any], arch: str, source: str):
   config with canonical keys (canonical_keys)."""
   if arch not in ("mixtral", "qwen2_moe", "qwen3_moe"):
     return None
-  from moe_jax.moe.config import MoeConfig  # pylint: disable=g-import-not-at-top
   if arch == "mixtral":
     return MoeConfig(num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],
                      expert_dim=hf["intermediate_size"], router="topk_softmax")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from moe_jax.moe import dispatch, routers
+
 DROP_POLICIES = ("probability", "position")
 
 
@@ -26,7 +28,6 @@ class MoeConfig:
   layers: str = "all"                  # "all", "every:N" or "0,3,5"
 
   def __post_init__(self):
-    from moe_jax.moe import dispatch, routers  # pylint: disable=g-import-not-at-top
     def bad(key, why):
       raise ValueError(f"moe.{key}={getattr(self, key)!r}: {why}")
     for key in ("num_experts", "top_k", "expert_dim"):

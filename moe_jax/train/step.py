@@ -7,7 +7,9 @@ import optax
 from flax import nnx
 
 from moe_jax import sharding
+from moe_jax.models import layer_stack
 from moe_jax.moe import losses
+from moe_jax.moe.layer import update_router_bias
 from moe_jax.train import optim
 
 
@@ -34,8 +36,6 @@ def loss_fn(model, batch: dict, *, train: bool = True, key: jax.Array | None = N
 def update_router_biases(model, moe_stats: dict) -> None:
   """DeepSeek-V3 bias balancing, outside the gradient: b_i += rate * sign(mean - load_i),
   for blocks stored per layer or stacked (one row per layer: layer_stack.groups)."""
-  from moe_jax.models import layer_stack  # pylint: disable=g-import-not-at-top
-  from moe_jax.moe.layer import update_router_bias  # pylint: disable=g-import-not-at-top
   for block, ids in layer_stack.groups(model.layers):
     mlp = block.mlp
     if not hasattr(mlp, "router_bias"):
