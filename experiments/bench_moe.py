@@ -13,10 +13,12 @@ Pallas gmm, jax.lax.ragged_dot and a dense matmul at each shape. With --transfor
 a child process with the same threads, against its own dense SwiGLU; then each backend's
 absolute time over the fastest transformers implementation. With --floor, also the experts
 alone on rows already grouped into equal slabs against dense, forward and forward+backward:
-what the narrower expert products cost with no routing at all. --out writes every figure
-as JSON (rewritten after each measurement).
+what the narrower expert products cost with no routing at all. With --breakdown (pinned
+to one core), also each layer's and dense's time split into products and the rest, thunk
+by thunk. --out writes every figure as JSON (rewritten after each measurement).
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -48,6 +50,10 @@ _TRANSFORMERS = flags.DEFINE_list("transformers", [], "Also time transformers' M
 _FLOOR = flags.DEFINE_bool("floor", False, "Also time the experts alone on rows already "
                             "grouped into equal slabs (no router, no permutation) against dense: "
                             "what the expert shapes cost by themselves (bench.bench_floor).")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also split each layer's and dense's time "
+                                "into products and the rest, thunk by thunk, from a profiler "
+                                "trace (bench.thunk_breakdown). Run pinned to one core "
+                                "(taskset -c 0): only there do the thunks add up to the time.")
 _TILINGS = flags.DEFINE_list("gmm_tilings", [], "--gmm: also time the Pallas gmm at these "
                              "tilings, bm:bk:bn or bm:bk:bn:num_warps:num_stages (Triton).")
 
@@ -84,6 +90,11 @@ def _transformers(e: int, f: int, k: int) -> dict:
 
 def main(argv):
   del argv
+  if _BREAKDOWN.value:
+    if len(os.sched_getaffinity(0)) != 1:
+      raise app.UsageError("--breakdown: thunk times add up to a call's time only on one "
+                           "core; run pinned to one, e.g. taskset -c 0")
+    bench.enable_thunk_trace()
   shapes = [_shape(s) for s in _SHAPES.value]
   if any(v is not None for v in (_E.value, _F.value, _K.value)):
     shapes = [(_E.value or 8, _F.value or 1024, _K.value or 2)]
@@ -98,7 +109,8 @@ def main(argv):
   for e, f, k in shapes:
     for backend in _BACKEND.value:
       record("layer", bench.bench_moe(_T.value, _D.value, f, e, k, _DTYPE.value, backend,
-                                      _CF.value, _ROUTER.value, _REPEATS.value))
+                                      _CF.value, _ROUTER.value, _REPEATS.value,
+                                      _BREAKDOWN.value))
     if _FLOOR.value:
       record("floor", bench.bench_floor(_T.value, _D.value, f, e, k, _DTYPE.value,
                                         _REPEATS.value))

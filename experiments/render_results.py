@@ -87,6 +87,15 @@ def layer(r: dict) -> str:
           "|---|---|---|---|---|---|---|---|" + ("---|---|" if mem else "")]
   rows += [f"| {x['E']} | {x['f']} | {x['k']} | {x['backend']} | {x['moe_s']:.5f} | "
            f"{x['dense_s']:.5f} | {x['ratio']:.3f} |" + vs(x) + mib(x) for x in r["layer"]]
+  split = [x for x in r["layer"] if "breakdown" in x]  # bench_moe --breakdown
+  if split:
+    rows += ["", "| E | f | k | backend | MoE products s | MoE rest s | dense products s | "
+             "dense rest s | the MoE's rest by jax operation, s |", "|---" * 9 + "|"]
+    rows += [f"| {x['E']} | {x['f']} | {x['k']} | {x['backend']} | " + " | ".join(
+        f"{x['breakdown'][n][part]:.5f}" for n in ("moe", "dense")
+        for part in ("products_s", "rest_s")) + " | " + ", ".join(
+        f"{op} {v:.4f}" for op, v in x["breakdown"]["moe"]["rest_by_op"].items()) + " |"
+             for x in split]
   if r.get("transformers"):
     rows += ["", "| transformers block (torch) | E | f | k | implementation | fwd+bwd s | "
              "its dense s | block / its dense |", "|---|---|---|---|---|---|---|---|"]

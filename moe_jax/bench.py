@@ -1,10 +1,14 @@
 """Benchmarks measured side by side in one process (ratios, not absolute times)."""
 from __future__ import annotations
 
+import collections
 import datetime
+import glob
 import os
 import platform
+import re
 import sys
+import tempfile
 import time
 
 import jax
@@ -70,9 +74,11 @@ def alternate(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
-              capacity_factor: float, router: str, repeats: int) -> dict:
+              capacity_factor: float, router: str, repeats: int,
+              breakdown: bool = False) -> dict:
   """Median forward+backward seconds of the MoE layer and of a dense SwiGLU of width k*f,
-  alternating in this process; returns both and their ratio."""
+  alternating in this process; returns both and their ratio (and with `breakdown`, each
+  one's thunk_breakdown)."""
   cfg = MoeConfig(num_experts=e, top_k=k, expert_dim=f, backend=backend, router=router,
                   capacity_factor=capacity_factor)
   dt = jnp.dtype(dtype)
@@ -105,9 +111,79 @@ def bench_moe(t: int, d: int, f: int, e: int, k: int, dtype: str, backend: str,
   print(f"moe_fwd_bwd_s={med['moe']:.4f} dense_fwd_bwd_s={med['dense']:.4f}")
   print(f"moe_temp_mib={temp['moe'] / 2**20:.1f} dense_temp_mib={temp['dense'] / 2**20:.1f}")
   print(f"ratio={ratio:.3f}")
-  return {"T": t, "d": d, "f": f, "E": e, "k": k, "dtype": dtype, "backend": backend,
-          "moe_s": med["moe"], "dense_s": med["dense"], "ratio": ratio,
-          "moe_temp_bytes": temp["moe"], "dense_temp_bytes": temp["dense"]}
+  figures = {"T": t, "d": d, "f": f, "E": e, "k": k, "dtype": dtype, "backend": backend,
+             "moe_s": med["moe"], "dense_s": med["dense"], "ratio": ratio,
+             "moe_temp_bytes": temp["moe"], "dense_temp_bytes": temp["dense"]}
+  if breakdown:
+    figures["breakdown"] = {name: thunk_breakdown(fn, args) for name, (fn, args) in fns.items()}
+    print(" ".join(f"{name}_products_s={b['products_s']:.4f} {name}_rest_s={b['rest_s']:.4f}"
+                   for name, b in figures["breakdown"].items()))
+  return figures
+
+
+THUNK_TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.+?\s([a-z][\w\-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def enable_thunk_trace() -> None:
+  """Have XLA:CPU record each thunk (one compiled operation) in profiler traces, for
+  thunk_breakdown. It sets XLA_FLAGS, which XLA reads once, when jax starts its backend."""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError(f"enable_thunk_trace: jax's backend has started; set XLA_FLAGS="
+                       f"{THUNK_TRACE_FLAG} before it does")
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {THUNK_TRACE_FLAG}".strip()
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """{instruction: (kind, op)} of a compiled module's text. kind: 'product' for a dot or a
+  library fusion (kind=kCustom: the YNNPACK, XNNPACK or oneDNN fusions XLA:CPU hands its
+  matmuls to), 'control' for while, conditional and call (whose bodies' instructions are
+  thunks of their own), 'rest' otherwise; op: the jax operation its metadata names (the
+  last part of op_name), else its HLO opcode."""
+  ops = {}
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    name, opcode = m.groups()
+    kind = ("product" if opcode == "dot" or (opcode == "fusion" and "kind=kCustom" in line)
+            else "control" if opcode in ("while", "conditional", "call") else "rest")
+    op_name = _OP_NAME.search(line)
+    ops[name] = (kind, op_name.group(1).rsplit("/", 1)[-1] if op_name else opcode)
+  return ops
+
+
+def thunk_breakdown(compiled, args, calls: int = 3, top: int = 8) -> dict:
+  """Seconds per call of a compiled function's thunks from a profiler trace (after
+  enable_thunk_trace): its products, the rest, and the rest's largest jax operations.
+  The thunks of a call add up to its time only when they run one after another, on one
+  core: with more, they overlap, and XLA:CPU's Eigen matmuls finish after their thunk
+  returns."""
+  ops = hlo_ops(compiled.as_text())
+  jax.block_until_ready(compiled(*args))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(calls):
+      jax.block_until_ready(compiled(*args))
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    trace = jax.profiler.ProfileData.from_file(path)
+  kinds, rest = collections.Counter(), collections.Counter()
+  for plane in trace.planes:
+    for line in plane.lines:
+      for event in line.events:
+        kind, op = ops.get(event.name, ("", ""))
+        if kind in ("product", "rest"):
+          kinds[kind] += event.duration_ns * 1e-9 / calls
+        if kind == "rest":
+          rest[op] += event.duration_ns * 1e-9 / calls
+  if not kinds:
+    raise RuntimeError(f"thunk_breakdown: no XLA:CPU thunk in the trace (XLA_FLAGS needs "
+                       f"{THUNK_TRACE_FLAG} before jax starts: enable_thunk_trace)")
+  return {"products_s": kinds["product"], "rest_s": kinds["rest"],
+          "rest_by_op": dict(rest.most_common(top))}
 
 
 def temp_bytes(compiled) -> int:

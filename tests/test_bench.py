@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -76,6 +77,60 @@ def test_benchmark_out_files_render_into_tables(tmp_path, binary, flags, name):
   assert table[0].startswith(f"`{r['command']}`")
   rows = [line for line in table if line.startswith("| ") and not line.startswith("| E |")]
   assert len(rows) >= 3 and "FAIL" not in "\n".join(table)
+
+
+_HLO = """
+ENTRY %main (x: f32[8,4], w: f32[4,4]) -> f32[8,4] {
+  %ynn_fusion.3 = f32[8,4]{1,0} fusion(%x, %w), kind=kCustom, calls=%fc, metadata={op_name="jit(f)/dot_general"}
+  %dot_general.2 = f32[4,4]{1,0} dot(%x, %x), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  %wrapped_scatter = f32[8,4]{1,0} fusion(%a, %b, %c), kind=kLoop, calls=%sc, metadata={op_name="jit(f)/while/body/scatter-add" stack_frame_id=5}
+  %custom-call = (f32[8,2]{1,0}, s32[8,2]{1,0}) custom-call(%x), custom_call_target="TopK", metadata={op_name="jit(f)/top_k"}
+  %while.7 = (s32[], f32[8,4]{1,0}) while(%t), condition=%cond, body=%body
+  ROOT %copy.1 = f32[8,4]{1,0} copy(%wrapped_scatter)
+}
+"""
+
+
+def test_hlo_ops_sorts_a_modules_instructions_into_products_and_the_rest():
+  """Dots and library (kCustom) fusions are products, control flow is neither, and the rest
+  are named by the jax operation in their metadata, else by their opcode."""
+  assert bench.hlo_ops(_HLO) == {
+      "ynn_fusion.3": ("product", "dot_general"), "dot_general.2": ("product", "dot"),
+      "wrapped_scatter": ("rest", "scatter-add"), "custom-call": ("rest", "top_k"),
+      "while.7": ("control", "while"), "copy.1": ("rest", "copy")}
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="needs taskset (util-linux)")
+def test_breakdown_splits_the_layer_and_dense_into_products_and_the_rest(tmp_path):
+  """bench_moe --breakdown, pinned to one core: for both the layer and dense, products and
+  the rest add up to the call's time (within 30%), dense's products are most of dense, and
+  the table shows the MoE's rest by jax operation. Unpinned, it refuses. Compiled as the
+  benchmark is, not with the suite's fast-compile flags (subproc): their unfused programs
+  are many small thunks, each of which the trace slows."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = tmp_path / "layer.json"
+  cmd = [sys.executable, "-m", "experiments.bench_moe", "--T=2048", "--d=128",
+         "--shapes=4:128:2", "--backend=dropless", "--repeats=3", "--breakdown", f"--out={out}"]
+  core = str(min(os.sched_getaffinity(0)))
+  proc = subprocess.run(["taskset", "-c", core, *cmd], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (x,) = json.loads(out.read_text())["layer"]
+  for name in ("moe", "dense"):
+    b = x["breakdown"][name]
+    assert b["products_s"] > 0 and b["rest_s"] > 0
+    assert 0.7 * x[f"{name}_s"] < b["products_s"] + b["rest_s"] < 1.3 * x[f"{name}_s"]
+  dense = x["breakdown"]["dense"]
+  assert dense["products_s"] > dense["rest_s"]
+  rest = x["breakdown"]["moe"]["rest_by_op"]
+  assert sum(rest.values()) <= x["breakdown"]["moe"]["rest_s"] + 1e-9
+  assert set(rest) & {"gather", "scatter-add", "dynamic_update_slice", "select_n"}, rest
+  table = render_results.layer(json.loads(out.read_text()))
+  assert "| the MoE's rest by jax operation, s |" in table
+  assert f"{next(iter(rest))} {rest[next(iter(rest))]:.4f}" in table
+  if len(os.sched_getaffinity(0)) > 1:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "run pinned to one" in proc.stderr
 
 
 def test_a_kernel_that_raises_is_reported_and_the_others_still_run(monkeypatch):
