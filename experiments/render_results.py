@@ -94,7 +94,8 @@ def layer(r: dict) -> str:
     rows += [f"| {x['E']} | {x['f']} | {x['k']} | {x['backend']} | " + " | ".join(
         f"{x['breakdown'][n][part]:.5f}" for n in ("moe", "dense")
         for part in ("products_s", "rest_s")) + " | " + ", ".join(
-        f"{op} {v:.4f}" for op, v in x["breakdown"]["moe"]["rest_by_op"].items()) + " |"
+        f"{op} {v:.4f}" for op, v in sorted(x["breakdown"]["moe"]["rest_by_op"].items(),
+                                             key=lambda item: -item[1])) + " |"
              for x in split]
   if r.get("transformers"):
     rows += ["", "| transformers block (torch) | E | f | k | implementation | fwd+bwd s | "
