@@ -157,7 +157,8 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 def thunk_breakdown(compiled, args, calls: int = 3, top: int = 8) -> dict:
   """Seconds per call of a compiled function's thunks from a profiler trace (after
-  enable_thunk_trace): its products, the rest, and the rest's largest jax operations.
+  enable_thunk_trace): its products, the rest, the rest's largest jax operations, and the
+  traced calls' own time (wall_s), which the thunks should nearly fill.
   The thunks of a call add up to its time only when they run one after another, on one
   core: with more, they overlap, and XLA:CPU's Eigen matmuls finish after their thunk
   returns."""
@@ -165,8 +166,10 @@ def thunk_breakdown(compiled, args, calls: int = 3, top: int = 8) -> dict:
   jax.block_until_ready(compiled(*args))
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
+    t0 = time.perf_counter()
     for _ in range(calls):
       jax.block_until_ready(compiled(*args))
+    wall = (time.perf_counter() - t0) / calls
     jax.profiler.stop_trace()
     (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     trace = jax.profiler.ProfileData.from_file(path)
@@ -182,7 +185,7 @@ def thunk_breakdown(compiled, args, calls: int = 3, top: int = 8) -> dict:
   if not kinds:
     raise RuntimeError(f"thunk_breakdown: no XLA:CPU thunk in the trace (XLA_FLAGS needs "
                        f"{THUNK_TRACE_FLAG} before jax starts: enable_thunk_trace)")
-  return {"products_s": kinds["product"], "rest_s": kinds["rest"],
+  return {"products_s": kinds["product"], "rest_s": kinds["rest"], "wall_s": wall,
           "rest_by_op": dict(rest.most_common(top))}
 
 

@@ -103,7 +103,7 @@ def test_hlo_ops_sorts_a_modules_instructions_into_products_and_the_rest():
 @pytest.mark.skipif(not shutil.which("taskset"), reason="needs taskset (util-linux)")
 def test_breakdown_splits_the_layer_and_dense_into_products_and_the_rest(tmp_path):
   """bench_moe --breakdown, pinned to one core: for both the layer and dense, products and
-  the rest add up to the call's time (within 30%), dense's products are most of dense, and
+  the rest nearly fill the traced calls' time, dense's products are most of dense, and
   the table shows the MoE's rest by jax operation. Unpinned, it refuses. Compiled as the
   benchmark is, not with the suite's fast-compile flags (subproc): their unfused programs
   are many small thunks, each of which the trace slows."""
@@ -119,7 +119,7 @@ def test_breakdown_splits_the_layer_and_dense_into_products_and_the_rest(tmp_pat
   for name in ("moe", "dense"):
     b = x["breakdown"][name]
     assert b["products_s"] > 0 and b["rest_s"] > 0
-    assert 0.7 * x[f"{name}_s"] < b["products_s"] + b["rest_s"] < 1.3 * x[f"{name}_s"]
+    assert 0.6 * b["wall_s"] < b["products_s"] + b["rest_s"] < 1.05 * b["wall_s"]
   dense = x["breakdown"]["dense"]
   assert dense["products_s"] > dense["rest_s"]
   rest = x["breakdown"]["moe"]["rest_by_op"]
