@@ -18,7 +18,6 @@ to one core), also each layer's and dense's time split into products and the res
 by thunk. --out writes every figure as JSON (rewritten after each measurement).
 """
 import json
-import os
 import subprocess
 import sys
 
@@ -91,7 +90,7 @@ def _transformers(e: int, f: int, k: int) -> dict:
 def main(argv):
   del argv
   if _BREAKDOWN.value:
-    if len(os.sched_getaffinity(0)) != 1:
+    if bench.usable_cores() != 1:
       raise app.UsageError("--breakdown: thunk times add up to a call's time only on one "
                            "core; run pinned to one, e.g. taskset -c 0")
     bench.enable_thunk_trace()

@@ -48,12 +48,16 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
   return ""
 
 
+def usable_cores() -> int:
+  """The cores this process may run on: fewer than the machine's when pinned (taskset)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def provenance(binary: str) -> dict:
   """Where and how a benchmark's figures were made, for its --out JSON: the command (this
   process's flags), the machine (and the cores this process may run on, when pinned), the
   device, jax's version and the date."""
-  cores = os.cpu_count()
-  usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+  cores, usable = os.cpu_count(), usable_cores()
   model = cpu_model()
   return {"command": f"python -m {binary} " + " ".join(sys.argv[1:]),
           "machine": f"{platform.machine()}" + (f" ({model})" if model else "") + ", " + (
@@ -178,10 +182,12 @@ def thunk_breakdown(compiled, args, calls: int = 3, top: int = 8) -> dict:
     for line in plane.lines:
       for event in line.events:
         kind, op = ops.get(event.name, ("", ""))
-        if kind in ("product", "rest"):
-          kinds[kind] += event.duration_ns * 1e-9 / calls
-        if kind == "rest":
-          rest[op] += event.duration_ns * 1e-9 / calls
+        seconds = event.duration_ns * 1e-9 / calls
+        if kind == "product":
+          kinds[kind] += seconds
+        elif kind == "rest":
+          kinds[kind] += seconds
+          rest[op] += seconds
   if not kinds:
     raise RuntimeError(f"thunk_breakdown: no XLA:CPU thunk in the trace (XLA_FLAGS needs "
                        f"{THUNK_TRACE_FLAG} before jax starts: enable_thunk_trace)")

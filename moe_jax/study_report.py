@@ -145,8 +145,8 @@ def comparison_table(rows: list[dict], comparisons: Iterable[tuple[str, str]],
 def trends(rows: list[dict], values: dict[str, Any], label: str) -> list[str]:
   """Sentences on the arms' means against a varied value: the best arm, the fastest to
   train against the slowest (where throughput was logged, with whether the two differ
-  beyond noise, allowing for their being the extremes: extremes_noise_se), and (for a numeric value) the Spearman rank
-  correlation of each metric with it."""
+  beyond noise, allowing for their being the extremes: extremes_noise_se), and (for a
+  numeric value) the Spearman rank correlation of each metric with it."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
   arms = by_arm(rows)
   names = [a for a in values if a in arms]
